@@ -1,0 +1,278 @@
+"""llama.cpp behind one object: load, tokenize, decode batches with capture.
+
+Everything that touches ``llama_cpp`` lives here. An :class:`Engine` owns the
+model, the context, one reusable batch and the native capture state, and
+frees them in :meth:`close` (in that order: the context holds a pointer to the
+capture state). It is a context manager.
+
+The context always uses a unified KV cache. That is what lets many sequences
+share the cells of a common prefix (``seq_cp``), and it makes llama.cpp split
+a batch into ubatches of consecutive tokens, which the capture relies on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .capture import Capture, Site
+from .errors import CaptureError, LcprobeError, ModelError, PromptTooLongError
+from .modelfile import ModelInfo
+
+import llama_cpp  # noqa: E402  (after our modules: errors above read better)
+
+# llama.cpp's own limit on sequences in one context (LLAMA_MAX_SEQ).
+MAX_SEQ = 256
+
+_log_lock = threading.Lock()
+_log_state: dict[str, object] = {}
+
+
+def set_llama_log(path: str | os.PathLike | None) -> None:
+    """Send llama.cpp's log to ``path`` (append), or discard it when None.
+
+    The terminal belongs to lcprobe's own display; llama.cpp's chatter is kept
+    in a file for when something goes wrong.
+    """
+    with _log_lock:
+        old = _log_state.get("file")
+        fh = open(path, "a", encoding="utf-8", errors="replace") if path else None
+
+        def _write(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if fh is not None and text:
+                fh.write(text.decode("utf-8", "replace"))
+                fh.flush()
+
+        cb = llama_cpp.llama_log_callback(_write)
+        llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+        _log_state["cb"] = cb  # ctypes callbacks must outlive their registration
+        _log_state["file"] = fh
+        if old is not None:
+            old.close()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_seq_max: int = 64
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+
+
+class Engine:
+    """A loaded model plus a context set up for capture."""
+
+    def __init__(self, info: ModelInfo, config: EngineConfig = EngineConfig()) -> None:
+        self.info = info
+        self.config = config
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        self.tokens_decoded = 0
+        self.capture = Capture()  # fails early, before loading, if the ABI is wrong
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = int(config.n_gpu_layers)
+        mparams.use_mmap = True
+        model = llama_cpp.llama_model_load_from_file(str(info.path).encode(), mparams)
+        if not model:
+            raise ModelError(f"llama.cpp could not load {info.path} (see the llama.cpp log for why)")
+        self._model = model
+        n_seq = max(1, min(int(config.n_seq_max), MAX_SEQ))
+        n_batch = int(config.n_batch)
+        n_ubatch = min(int(config.n_ubatch), n_batch)
+        threads = config.n_threads or os.cpu_count() or 1
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = int(config.n_ctx)
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_ubatch
+        cparams.n_seq_max = n_seq
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.kv_unified = True
+        cparams.swa_full = True  # sliding-window models keep every cell a shared prefix needs
+        cparams.no_perf = True
+        cparams.cb_eval = ctypes.cast(
+            self.capture.callback_address, llama_cpp.ggml_backend_sched_eval_callback
+        )
+        cparams.cb_eval_user_data = ctypes.c_void_p(self.capture.user_data)
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise ModelError(
+                f"llama.cpp could not create a context (n_ctx={config.n_ctx}, "
+                f"n_batch={n_batch}); try a smaller -c/--ctx-size"
+            )
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_batch = llama_cpp.llama_n_batch(ctx)
+        self.n_ubatch = llama_cpp.llama_n_ubatch(ctx)
+        self.n_seq_max = n_seq
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+
+    # -- lifetime ---------------------------------------------------------
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- tokens -----------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of ``text``; ``add_special`` adds BOS when the model asks for it."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, False)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+
+    def token_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    # -- KV cache -----------------------------------------------------------
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
+    def seq_remove(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    # -- decode -------------------------------------------------------------
+    def set_sites(self, sites: Sequence[Site]) -> None:
+        self.capture.set_sites(list(sites))
+
+    def decode(
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        positions: Sequence[int] | np.ndarray,
+        seq_ids: Sequence[Sequence[int]],
+        outputs: Sequence[bool] | np.ndarray,
+        want_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode one batch; return captured rows of the output tokens.
+
+        Returns ``(rows, logits)``: rows is ``(n_sites, n_outputs, n_embd)``
+        float32 in output order; logits (llama.cpp's own, ``(n_outputs,
+        n_vocab)``) only when ``want_logits``.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("empty batch")
+        if n > self.n_batch:
+            raise ValueError(f"batch of {n} tokens exceeds n_batch={self.n_batch}")
+        b = self._batch
+        np.ctypeslib.as_array(b.token, shape=(n,))[:] = np.asarray(tokens, dtype=np.int32)
+        np.ctypeslib.as_array(b.pos, shape=(n,))[:] = np.asarray(positions, dtype=np.int32)
+        out = np.asarray(outputs, dtype=bool)
+        np.ctypeslib.as_array(b.logits, shape=(n,))[:] = out.astype(np.int8)
+        n_seq = np.ctypeslib.as_array(b.n_seq_id, shape=(n,))
+        for i, seqs in enumerate(seq_ids):
+            if not 0 < len(seqs) <= self.n_seq_max:
+                raise ValueError(f"token {i} has {len(seqs)} sequence ids")
+            n_seq[i] = len(seqs)
+            row = b.seq_id[i]
+            for j, s in enumerate(seqs):
+                if not 0 <= s < self.n_seq_max:
+                    raise ValueError(f"sequence id {s} outside 0..{self.n_seq_max - 1}")
+                row[j] = s
+        b.n_tokens = n
+        self.capture.begin(out, self.n_ubatch)
+        try:
+            rc = llama_cpp.llama_decode(self._ctx, b)
+        except BaseException:
+            self.capture.abort()
+            raise
+        if rc != 0:
+            self.capture.abort()
+            if rc == 1:
+                raise PromptTooLongError(
+                    f"the KV cache is full ({self.n_ctx} cells); raise -c/--ctx-size or lower -b/--batch-size"
+                )
+            raise LcprobeError(f"llama_decode failed with code {rc} (see the llama.cpp log)")
+        rows = self.capture.finish()
+        self.tokens_decoded += n
+        logits = None
+        if want_logits:
+            n_out = int(out.sum())
+            ptr = llama_cpp.llama_get_logits(self._ctx)
+            logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
+        return rows, logits
+
+    def decode_sequence(
+        self, tokens: Sequence[int], outputs: Sequence[bool] | None = None, want_logits: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Decode one sequence from an empty cache (seq 0), in n_batch chunks."""
+        if len(tokens) > self.n_ctx:
+            raise PromptTooLongError(f"{len(tokens)} tokens do not fit the context of {self.n_ctx}")
+        outs = np.ones(len(tokens), bool) if outputs is None else np.asarray(outputs, bool)
+        self.clear()
+        rows, logits = [], []
+        for start in range(0, len(tokens), self.n_batch):
+            stop = min(start + self.n_batch, len(tokens))
+            r, lg = self.decode(
+                tokens[start:stop], range(start, stop), [[0]] * (stop - start), outs[start:stop], want_logits
+            )
+            rows.append(r)
+            if lg is not None:
+                logits.append(lg)
+        self.clear()
+        return np.concatenate(rows, axis=1), (np.concatenate(logits) if want_logits else None)
+
+
+def check_sites_exist(engine: Engine) -> None:
+    """Decode one token to see that every requested site fires; raises CaptureError."""
+    engine.clear()
+    try:
+        engine.decode([engine.tokenize("a", add_special=False)[0]], [0], [[0]], [True])
+    except CaptureError as exc:
+        raise CaptureError(
+            f"{engine.info.arch}: {exc}. lcprobe needs the per-layer tensors 'l_out-N' in "
+            "llama.cpp's graph"
+        ) from exc
+    finally:
+        engine.clear()
+
+
+def system_info() -> str:
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+
+
+def llama_cpp_version() -> str:
+    return getattr(llama_cpp, "__version__", "unknown")
+
+
+def gpu_offload_supported() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def default_log_path() -> Path:
+    return Path(os.environ.get("LCPROBE_CACHE", Path.home() / ".cache" / "lcprobe")) / "llama.log"

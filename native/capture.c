@@ -1,0 +1,709 @@
+/*
+ * lcprobe._capture: llama.cpp eval callback that copies selected rows of
+ * named graph tensors (l_out-N, ffn_inp-N, ...) into a buffer it owns.
+ *
+ * Rules this file keeps (see STYLE.md, "Lessons"):
+ *  - the callback never calls into Python, never exits, never aborts; every
+ *    surprise (unknown shape, wrong row count, unsupported type) is written to
+ *    the state's error slot and the tensor is skipped; Python reads the slot
+ *    after llama_decode and raises;
+ *  - it only touches tensor memory through ggml_backend_tensor_get/_set, so
+ *    CPU, CUDA and Metal buffers work the same;
+ *  - it always returns true from the collect call: false would make the
+ *    scheduler silently drop the rest of the graph split.
+ *
+ * Row bookkeeping. Python declares, per llama_decode, which batch tokens are
+ * outputs (logits requested); exactly those rows are captured, output j going
+ * to destination row j. llama.cpp splits a batch into ubatches of n_ubatch
+ * consecutive tokens (split_simple, which it uses with a unified KV cache) and
+ * runs the whole graph once per ubatch, so the k-th time a site fires belongs
+ * to ubatch k. Most layer tensors hold one row per ubatch token; the last
+ * layer keeps only the ubatch's output rows (inp_out_ids). The row count tells
+ * which case applies; when both counts agree every token is an output and the
+ * two mappings coincide.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml_abi.h"
+
+#define LCP_NAME_MAX 64
+#define LCP_MAX_PATCHES 16
+#define LCP_CAPSULE "lcprobe._capture.State"
+
+typedef struct {
+    char name[LCP_NAME_MAX];
+    int64_t width;  /* expected ne[0] */
+    int32_t seen;   /* times it fired in the current decode */
+    int64_t copied; /* rows copied in the current decode */
+    size_t off;     /* float offset of this site's block in rows */
+} lcp_site;
+
+/* Intervention: after `dst` is computed, overwrite it with `src`'s value
+ * saved earlier in the same ubatch (e.g. l_out-5 := l_out-4 skips layer 6). */
+typedef struct {
+    char src[LCP_NAME_MAX];
+    char dst[LCP_NAME_MAX];
+    uint8_t *saved;
+    size_t saved_cap;
+    size_t saved_bytes;
+    int64_t saved_rows;
+    int32_t src_seen;
+    int32_t applied;
+} lcp_patch;
+
+typedef struct {
+    struct lcp_ggml_api api;
+
+    int n_sites;
+    lcp_site *sites;
+    int n_patches;
+    lcp_patch patches[LCP_MAX_PATCHES];
+
+    /* per-decode plan */
+    int active;
+    int64_t n_tokens;
+    int64_t n_ubatch;
+    int64_t n_outputs;
+    int32_t *tok_dest;   /* [n_tokens] output ordinal or -1 */
+    int64_t *out_before; /* [n_tokens + 1] outputs before token i */
+    int64_t *out_tok;    /* [n_outputs] batch index of output j */
+    size_t plan_cap;     /* capacity of tok_dest/out_before in tokens */
+
+    float *rows; /* captured rows of all sites */
+    size_t rows_len;
+    size_t rows_cap;
+
+    uint8_t *stage; /* staging for one tensor span */
+    size_t stage_cap;
+
+    int64_t n_calls;
+    int has_err;
+    char err[512];
+} lcp_state;
+
+static void lcp_fail(lcp_state *s, const char *fmt, ...) {
+    if (s->has_err) {
+        return; /* keep the first error: later ones are usually consequences */
+    }
+    s->has_err = 1;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->err, sizeof(s->err), fmt, ap);
+    va_end(ap);
+}
+
+static int lcp_grow(void **p, size_t *cap, size_t need) {
+    if (need <= *cap) {
+        return 1;
+    }
+    size_t n = *cap ? *cap : 4096;
+    while (n < need) {
+        n *= 2;
+    }
+    void *q = realloc(*p, n);
+    if (!q) {
+        return 0;
+    }
+    *p = q;
+    *cap = n;
+    return 1;
+}
+
+static int lcp_find_site(const lcp_state *s, const char *name) {
+    for (int i = 0; i < s->n_sites; i++) {
+        if (strcmp(s->sites[i].name, name) == 0) {
+            return i;
+        }
+    }
+    return -1;
+}
+
+static size_t lcp_type_size(int32_t type) {
+    switch (type) {
+    case LCP_GGML_TYPE_F32: return 4;
+    case LCP_GGML_TYPE_F16: return 2;
+    case LCP_GGML_TYPE_BF16: return 2;
+    default: return 0;
+    }
+}
+
+/* Shape checks shared by capture and patches: a 2-D (or flat 3/4-D with
+ * unit dims) float tensor whose rows are contiguous, and whose byte size
+ * agrees with ggml's own count (guards the mirrored struct layout). */
+static int lcp_check_tensor(lcp_state *s, const struct lcp_ggml_tensor *t, const char *name,
+                            int64_t *n_rows) {
+    size_t ts = lcp_type_size(t->type);
+    if (ts == 0) {
+        lcp_fail(s, "tensor %s has ggml type %d; only F32, F16 and BF16 can be captured", name,
+                 (int)t->type);
+        return 0;
+    }
+    if (t->buffer == NULL) {
+        lcp_fail(s, "tensor %s has no backend buffer", name);
+        return 0;
+    }
+    if (t->ne[2] != 1 || t->ne[3] != 1) {
+        lcp_fail(s, "tensor %s has shape [%lld, %lld, %lld, %lld]; expected [width, rows, 1, 1]",
+                 name, (long long)t->ne[0], (long long)t->ne[1], (long long)t->ne[2],
+                 (long long)t->ne[3]);
+        return 0;
+    }
+    if (t->nb[0] != ts || t->nb[1] < ts * (size_t)t->ne[0]) {
+        lcp_fail(s, "tensor %s is not row-contiguous (nb0=%zu nb1=%zu)", name, t->nb[0], t->nb[1]);
+        return 0;
+    }
+    size_t expect = t->ne[1] > 0 ? (size_t)(t->ne[1] - 1) * t->nb[1] + ts * (size_t)t->ne[0] : 0;
+    size_t have = s->api.nbytes(t);
+    if (have < expect) {
+        lcp_fail(s,
+                 "tensor %s: ggml reports %zu bytes but its shape needs %zu; the ggml_tensor "
+                 "layout does not match this build of lcprobe",
+                 name, have, expect);
+        return 0;
+    }
+    *n_rows = t->ne[1];
+    return 1;
+}
+
+/* Which token range of the batch the k-th firing of a site belongs to. */
+static int lcp_ubatch(lcp_state *s, int32_t k, const char *name, int64_t *tok0, int64_t *n_tok,
+                      int64_t *n_out) {
+    int64_t start = (int64_t)k * s->n_ubatch;
+    if (start >= s->n_tokens) {
+        lcp_fail(s, "tensor %s fired %d times, more than the %lld ubatches of this batch", name,
+                 (int)k + 1, (long long)((s->n_tokens + s->n_ubatch - 1) / s->n_ubatch));
+        return 0;
+    }
+    int64_t end = start + s->n_ubatch < s->n_tokens ? start + s->n_ubatch : s->n_tokens;
+    *tok0 = start;
+    *n_tok = end - start;
+    *n_out = s->out_before[end] - s->out_before[start];
+    return 1;
+}
+
+/* Destination row (output ordinal) of tensor row r, or -1 when not wanted;
+ * -2 when the row count fits neither layout. */
+static int64_t lcp_dest(const lcp_state *s, int64_t rows, int64_t r, int64_t tok0, int64_t n_tok,
+                        int64_t n_out) {
+    if (rows == n_tok) {
+        return s->tok_dest[tok0 + r];
+    }
+    if (rows == n_out) {
+        return s->out_before[tok0] + r;
+    }
+    return -2;
+}
+
+static void lcp_read_span(lcp_state *s, const struct lcp_ggml_tensor *t, int64_t r0, int64_t r1,
+                          uint8_t **data) {
+    size_t len = (size_t)(r1 - r0) * t->nb[1];
+    *data = NULL;
+    if (!lcp_grow((void **)&s->stage, &s->stage_cap, len)) {
+        lcp_fail(s, "out of memory staging %zu bytes", len);
+        return;
+    }
+    s->api.tensor_get(t, s->stage, (size_t)r0 * t->nb[1], len);
+    *data = s->stage;
+}
+
+static void lcp_to_f32(lcp_state *s, int32_t type, const uint8_t *src, float *dst, int64_t n) {
+    switch (type) {
+    case LCP_GGML_TYPE_F32: memcpy(dst, src, (size_t)n * 4); break;
+    case LCP_GGML_TYPE_F16: s->api.fp16_to_fp32_row((const uint16_t *)src, dst, n); break;
+    case LCP_GGML_TYPE_BF16: s->api.bf16_to_fp32_row((const uint16_t *)src, dst, n); break;
+    }
+}
+
+static void lcp_capture(lcp_state *s, int idx, const struct lcp_ggml_tensor *t, const char *name) {
+    lcp_site *site = &s->sites[idx];
+    int32_t k = site->seen++;
+    int64_t rows;
+    if (!lcp_check_tensor(s, t, name, &rows)) {
+        return;
+    }
+    if (t->ne[0] != site->width) {
+        lcp_fail(s, "tensor %s has width %lld, expected %lld", name, (long long)t->ne[0],
+                 (long long)site->width);
+        return;
+    }
+    int64_t tok0, n_tok, n_out;
+    if (!lcp_ubatch(s, k, name, &tok0, &n_tok, &n_out)) {
+        return;
+    }
+    if (rows != n_tok && rows != n_out) {
+        lcp_fail(s, "tensor %s has %lld rows in ubatch %d; expected %lld (tokens) or %lld (outputs)",
+                 name, (long long)rows, (int)k, (long long)n_tok, (long long)n_out);
+        return;
+    }
+    /* One transfer for the span of wanted rows: a single device sync on GPU. */
+    int64_t r0 = -1, r1 = -1;
+    for (int64_t r = 0; r < rows; r++) {
+        if (lcp_dest(s, rows, r, tok0, n_tok, n_out) >= 0) {
+            if (r0 < 0) {
+                r0 = r;
+            }
+            r1 = r + 1;
+        }
+    }
+    if (r0 < 0) {
+        return;
+    }
+    uint8_t *data;
+    lcp_read_span(s, t, r0, r1, &data);
+    if (!data) {
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t d = lcp_dest(s, rows, r, tok0, n_tok, n_out);
+        if (d < 0) {
+            continue;
+        }
+        if (d >= s->n_outputs) {
+            lcp_fail(s, "tensor %s row %lld maps to output %lld of %lld", name, (long long)r,
+                     (long long)d, (long long)s->n_outputs);
+            return;
+        }
+        float *dst = s->rows + site->off + (size_t)d * (size_t)site->width;
+        lcp_to_f32(s, t->type, data + (size_t)(r - r0) * t->nb[1], dst, site->width);
+        site->copied++;
+    }
+}
+
+static void lcp_patch_save(lcp_state *s, lcp_patch *p, const struct lcp_ggml_tensor *t,
+                           const char *name) {
+    int64_t rows;
+    p->src_seen++;
+    if (!lcp_check_tensor(s, t, name, &rows)) {
+        return;
+    }
+    size_t len = (size_t)rows * t->nb[1];
+    if (!lcp_grow((void **)&p->saved, &p->saved_cap, len)) {
+        lcp_fail(s, "out of memory saving %s", name);
+        return;
+    }
+    s->api.tensor_get(t, p->saved, 0, len);
+    p->saved_bytes = len;
+    p->saved_rows = rows;
+}
+
+static void lcp_patch_apply(lcp_state *s, lcp_patch *p, struct lcp_ggml_tensor *t, const char *name) {
+    int64_t rows;
+    int32_t k = p->applied++;
+    if (p->src_seen != p->applied) {
+        lcp_fail(s, "patch %s := %s: the source was not computed before the target in ubatch %d",
+                 name, p->src, (int)k);
+        return;
+    }
+    if (!lcp_check_tensor(s, t, name, &rows)) {
+        return;
+    }
+    size_t row_bytes = t->nb[1];
+    if (rows == p->saved_rows && (size_t)rows * row_bytes == p->saved_bytes) {
+        s->api.tensor_set(t, p->saved, 0, p->saved_bytes);
+        return;
+    }
+    /* The target is the last layer, trimmed to the output rows, while the
+     * source still holds every token: copy the output rows only. */
+    int64_t tok0, n_tok, n_out;
+    if (!lcp_ubatch(s, k, name, &tok0, &n_tok, &n_out)) {
+        return;
+    }
+    if (rows != n_out || p->saved_rows != n_tok || p->saved_bytes != (size_t)n_tok * row_bytes) {
+        lcp_fail(s, "patch %s := %s: %lld rows cannot take %lld rows", name, p->src,
+                 (long long)rows, (long long)p->saved_rows);
+        return;
+    }
+    for (int64_t j = 0; j < n_out; j++) {
+        int64_t tok = s->out_tok[s->out_before[tok0] + j] - tok0;
+        s->api.tensor_set(t, p->saved + (size_t)tok * row_bytes, (size_t)j * row_bytes, row_bytes);
+    }
+}
+
+/* bool (*ggml_backend_sched_eval_callback)(struct ggml_tensor *t, bool ask, void *user_data) */
+static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
+    lcp_state *s = (lcp_state *)user_data;
+    if (s == NULL || !s->active || t == NULL) {
+        return ask ? false : true;
+    }
+    s->n_calls++;
+    const char *name = s->api.get_name(t);
+    if (name == NULL) {
+        return ask ? false : true;
+    }
+    int idx = lcp_find_site(s, name);
+    int wanted = idx >= 0;
+    for (int i = 0; i < s->n_patches && !wanted; i++) {
+        wanted = strcmp(s->patches[i].src, name) == 0 || strcmp(s->patches[i].dst, name) == 0;
+    }
+    if (ask) {
+        return wanted;
+    }
+    if (!wanted) {
+        return true;
+    }
+    /* Capture first, then patch: a captured site that is also a patch target
+     * reports what the layer computed, before the intervention. */
+    if (idx >= 0) {
+        lcp_capture(s, idx, t, name);
+    }
+    for (int i = 0; i < s->n_patches; i++) {
+        lcp_patch *p = &s->patches[i];
+        if (strcmp(p->src, name) == 0) {
+            lcp_patch_save(s, p, t, name);
+        }
+        if (strcmp(p->dst, name) == 0) {
+            lcp_patch_apply(s, p, t, name);
+        }
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Python interface: a capsule owning the state, plus plain functions.       */
+
+static void lcp_free(lcp_state *s) {
+    if (!s) {
+        return;
+    }
+    free(s->sites);
+    free(s->tok_dest);
+    free(s->out_before);
+    free(s->out_tok);
+    free(s->rows);
+    free(s->stage);
+    for (int i = 0; i < LCP_MAX_PATCHES; i++) {
+        free(s->patches[i].saved);
+    }
+    free(s);
+}
+
+static void lcp_capsule_destructor(PyObject *cap) {
+    lcp_free((lcp_state *)PyCapsule_GetPointer(cap, LCP_CAPSULE));
+}
+
+static lcp_state *lcp_get(PyObject *cap) {
+    return (lcp_state *)PyCapsule_GetPointer(cap, LCP_CAPSULE);
+}
+
+static int lcp_name_ok(const char *name, Py_ssize_t len) {
+    if (len <= 0 || len >= LCP_NAME_MAX) {
+        PyErr_Format(PyExc_ValueError, "tensor name must have 1 to %d characters", LCP_NAME_MAX - 1);
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(new_doc, "new(get_name, nbytes, tensor_get, tensor_set, fp16_row, bf16_row) -> state\n\n"
+                      "Create a capture state from the addresses of ggml's exported functions.");
+static PyObject *py_new(PyObject *self, PyObject *args) {
+    unsigned long long a[6];
+    if (!PyArg_ParseTuple(args, "KKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])) {
+        return NULL;
+    }
+    for (int i = 0; i < 6; i++) {
+        if (a[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "a ggml function address is NULL");
+            return NULL;
+        }
+    }
+    lcp_state *s = (lcp_state *)calloc(1, sizeof(lcp_state));
+    if (!s) {
+        return PyErr_NoMemory();
+    }
+    s->api.get_name = (lcp_fn_get_name)(uintptr_t)a[0];
+    s->api.nbytes = (lcp_fn_nbytes)(uintptr_t)a[1];
+    s->api.tensor_get = (lcp_fn_tensor_get)(uintptr_t)a[2];
+    s->api.tensor_set = (lcp_fn_tensor_set)(uintptr_t)a[3];
+    s->api.fp16_to_fp32_row = (lcp_fn_half_to_f32_row)(uintptr_t)a[4];
+    s->api.bf16_to_fp32_row = (lcp_fn_half_to_f32_row)(uintptr_t)a[5];
+    PyObject *cap = PyCapsule_New(s, LCP_CAPSULE, lcp_capsule_destructor);
+    if (!cap) {
+        lcp_free(s);
+    }
+    return cap;
+}
+
+PyDoc_STRVAR(callback_address_doc, "callback_address() -> int: address of the eval callback.");
+static PyObject *py_callback_address(PyObject *self, PyObject *noargs) {
+    return PyLong_FromVoidPtr((void *)(uintptr_t)&lcp_cb_eval);
+}
+
+PyDoc_STRVAR(state_address_doc, "state_address(state) -> int: the callback's user_data.");
+static PyObject *py_state_address(PyObject *self, PyObject *cap) {
+    lcp_state *s = lcp_get(cap);
+    if (!s) {
+        return NULL;
+    }
+    return PyLong_FromVoidPtr(s);
+}
+
+PyDoc_STRVAR(set_sites_doc, "set_sites(state, [(name, width), ...])\n\n"
+                            "Tensors to capture, in the order rows are returned.");
+static PyObject *py_set_sites(PyObject *self, PyObject *args) {
+    PyObject *cap, *seq;
+    if (!PyArg_ParseTuple(args, "OO", &cap, &seq)) {
+        return NULL;
+    }
+    lcp_state *s = lcp_get(cap);
+    if (!s) {
+        return NULL;
+    }
+    if (s->active) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot change sites during a decode");
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(seq, "sites must be a sequence of (name, width)");
+    if (!fast) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    lcp_site *sites = n ? (lcp_site *)calloc((size_t)n, sizeof(lcp_site)) : NULL;
+    if (n && !sites) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *name;
+        Py_ssize_t len;
+        long long width;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "s#L", &name, &len, &width) ||
+            !lcp_name_ok(name, len)) {
+            free(sites);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        if (width <= 0) {
+            PyErr_SetString(PyExc_ValueError, "site width must be positive");
+            free(sites);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        memcpy(sites[i].name, name, (size_t)len + 1);
+        sites[i].width = width;
+    }
+    Py_DECREF(fast);
+    free(s->sites);
+    s->sites = sites;
+    s->n_sites = (int)n;
+    return Py_NewRef(Py_None);
+}
+
+PyDoc_STRVAR(set_patches_doc, "set_patches(state, [(dst, src), ...])\n\n"
+                              "After dst is computed, overwrite it with src's value from the same "
+                              "ubatch (src must be computed earlier in the graph).");
+static PyObject *py_set_patches(PyObject *self, PyObject *args) {
+    PyObject *cap, *seq;
+    if (!PyArg_ParseTuple(args, "OO", &cap, &seq)) {
+        return NULL;
+    }
+    lcp_state *s = lcp_get(cap);
+    if (!s) {
+        return NULL;
+    }
+    if (s->active) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot change patches during a decode");
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(seq, "patches must be a sequence of (dst, src)");
+    if (!fast) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > LCP_MAX_PATCHES) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "at most %d patches", LCP_MAX_PATCHES);
+        return NULL;
+    }
+    char dst[LCP_MAX_PATCHES][LCP_NAME_MAX], src[LCP_MAX_PATCHES][LCP_NAME_MAX];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *d, *r;
+        Py_ssize_t dl, rl;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "s#s#", &d, &dl, &r, &rl) ||
+            !lcp_name_ok(d, dl) || !lcp_name_ok(r, rl)) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+        memcpy(dst[i], d, (size_t)dl + 1);
+        memcpy(src[i], r, (size_t)rl + 1);
+    }
+    Py_DECREF(fast);
+    for (int i = 0; i < LCP_MAX_PATCHES; i++) {
+        lcp_patch *p = &s->patches[i];
+        if (i < n) {
+            memcpy(p->dst, dst[i], LCP_NAME_MAX);
+            memcpy(p->src, src[i], LCP_NAME_MAX);
+        } else {
+            p->dst[0] = p->src[0] = '\0';
+        }
+    }
+    s->n_patches = (int)n;
+    return Py_NewRef(Py_None);
+}
+
+PyDoc_STRVAR(begin_doc, "begin(state, outputs: bytes, n_ubatch: int)\n\n"
+                        "Arm the callback for one llama_decode: outputs[i] != 0 marks batch token "
+                        "i as an output; its row is captured as row j (its output ordinal).");
+static PyObject *py_begin(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    Py_buffer flags;
+    long long n_ubatch;
+    if (!PyArg_ParseTuple(args, "Oy*L", &cap, &flags, &n_ubatch)) {
+        return NULL;
+    }
+    lcp_state *s = lcp_get(cap);
+    PyObject *ret = NULL;
+    if (!s) {
+        goto done;
+    }
+    if (n_ubatch <= 0) {
+        PyErr_SetString(PyExc_ValueError, "n_ubatch must be positive");
+        goto done;
+    }
+    int64_t n = (int64_t)flags.len;
+    size_t need = (size_t)n + 1;
+    if (need > s->plan_cap) {
+        int32_t *a = (int32_t *)realloc(s->tok_dest, need * sizeof(int32_t));
+        if (a) {
+            s->tok_dest = a;
+        }
+        int64_t *b = (int64_t *)realloc(s->out_before, need * sizeof(int64_t));
+        if (b) {
+            s->out_before = b;
+        }
+        int64_t *c = (int64_t *)realloc(s->out_tok, need * sizeof(int64_t));
+        if (c) {
+            s->out_tok = c;
+        }
+        if (!a || !b || !c) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        s->plan_cap = need;
+    }
+    const uint8_t *f = (const uint8_t *)flags.buf;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        s->out_before[i] = m;
+        if (f[i]) {
+            s->tok_dest[i] = (int32_t)m;
+            s->out_tok[m] = i;
+            m++;
+        } else {
+            s->tok_dest[i] = -1;
+        }
+    }
+    s->out_before[n] = m;
+    size_t total = 0;
+    for (int i = 0; i < s->n_sites; i++) {
+        s->sites[i].off = total;
+        s->sites[i].seen = 0;
+        s->sites[i].copied = 0;
+        total += (size_t)m * (size_t)s->sites[i].width;
+    }
+    if (!lcp_grow((void **)&s->rows, &s->rows_cap, total * sizeof(float) + 1)) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* NaN marks rows never written, so a missed row cannot pass as data. */
+    for (size_t i = 0; i < total; i++) {
+        s->rows[i] = NAN;
+    }
+    for (int i = 0; i < s->n_patches; i++) {
+        s->patches[i].src_seen = 0;
+        s->patches[i].applied = 0;
+        s->patches[i].saved_bytes = 0;
+        s->patches[i].saved_rows = 0;
+    }
+    s->rows_len = total;
+    s->n_tokens = n;
+    s->n_ubatch = n_ubatch;
+    s->n_outputs = m;
+    s->has_err = 0;
+    s->err[0] = '\0';
+    s->n_calls = 0;
+    s->active = 1;
+    ret = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&flags);
+    return ret;
+}
+
+PyDoc_STRVAR(end_doc, "end(state) -> (error or None, [(seen, copied) per site], [applied per patch], calls)\n\n"
+                      "Disarm the callback and report what happened during the decode.");
+static PyObject *py_end(PyObject *self, PyObject *cap) {
+    lcp_state *s = lcp_get(cap);
+    if (!s) {
+        return NULL;
+    }
+    s->active = 0;
+    PyObject *sites = PyList_New(s->n_sites);
+    PyObject *patches = PyList_New(s->n_patches);
+    if (!sites || !patches) {
+        Py_XDECREF(sites);
+        Py_XDECREF(patches);
+        return NULL;
+    }
+    for (int i = 0; i < s->n_sites; i++) {
+        PyList_SET_ITEM(sites, i, Py_BuildValue("(iL)", s->sites[i].seen, (long long)s->sites[i].copied));
+    }
+    for (int i = 0; i < s->n_patches; i++) {
+        PyList_SET_ITEM(patches, i, PyLong_FromLong(s->patches[i].applied));
+    }
+    PyObject *err = s->has_err ? PyUnicode_DecodeUTF8(s->err, (Py_ssize_t)strlen(s->err), "replace")
+                               : Py_NewRef(Py_None);
+    return Py_BuildValue("(NNNL)", err, sites, patches, (long long)s->n_calls);
+}
+
+PyDoc_STRVAR(read_doc, "read(state, out)\n\n"
+                       "Copy the captured rows (float32, [n_sites][n_outputs][width]) into the "
+                       "writable buffer out, which must have exactly that many bytes.");
+static PyObject *py_read(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "Ow*", &cap, &out)) {
+        return NULL;
+    }
+    lcp_state *s = lcp_get(cap);
+    if (!s) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    if ((size_t)out.len != s->rows_len * sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "read: buffer has %zd bytes, captured rows need %zu",
+                     out.len, s->rows_len * sizeof(float));
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    if (s->rows_len) {
+        memcpy(out.buf, s->rows, s->rows_len * sizeof(float));
+    }
+    PyBuffer_Release(&out);
+    return Py_NewRef(Py_None);
+}
+
+static PyMethodDef lcp_methods[] = {
+    {"new", py_new, METH_VARARGS, new_doc},
+    {"callback_address", py_callback_address, METH_NOARGS, callback_address_doc},
+    {"state_address", py_state_address, METH_O, state_address_doc},
+    {"set_sites", py_set_sites, METH_VARARGS, set_sites_doc},
+    {"set_patches", py_set_patches, METH_VARARGS, set_patches_doc},
+    {"begin", py_begin, METH_VARARGS, begin_doc},
+    {"end", py_end, METH_O, end_doc},
+    {"read", py_read, METH_VARARGS, read_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef lcp_module = {
+    PyModuleDef_HEAD_INIT, "_capture",
+    "Row capture from llama.cpp's eval callback (see lcprobe.capture for the Python side).", -1,
+    lcp_methods,
+};
+
+PyMODINIT_FUNC PyInit__capture(void) { return PyModule_Create(&lcp_module); }
