@@ -71,6 +71,10 @@ class Capture:
         self._n_outputs = int(flags.sum())
         self._n_ubatches = -(-len(flags) // n_ubatch) if len(flags) else 0
 
+    def trace(self, on: bool) -> list[str]:
+        """Node names the scheduler offered since the last call; tracing on/off after."""
+        return self._ext.trace(self._state, on)
+
     def abort(self) -> None:
         """Disarm after a failed decode without checking anything."""
         self._ext.end(self._state)

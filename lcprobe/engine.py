@@ -27,6 +27,11 @@ from .modelfile import ModelInfo
 
 import llama_cpp  # noqa: E402  (after our modules: errors above read better)
 
+# ggml_type values for the KV cache
+_KV_TYPES = {"f32": 0, "f16": 1}
+# enum llama_flash_attn_type
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
 # llama.cpp's own limit on sequences in one context (LLAMA_MAX_SEQ).
 MAX_SEQ = 256
 
@@ -65,6 +70,12 @@ class EngineConfig:
     n_seq_max: int = 64
     n_gpu_layers: int = 0
     n_threads: int | None = None
+    # KV cache precision: llama.cpp's default f16, or f32 for exact comparisons
+    kv_type: str = "f16"
+    # Flash attention: llama.cpp's "auto" computes attention partly in f16 on
+    # CPU (about 1e-3 relative error per layer); "off" with an f32 cache
+    # reproduces a float32 forward pass to ~1e-6.
+    flash_attn: str = "auto"
 
 
 class Engine:
@@ -100,6 +111,12 @@ class Engine:
         cparams.kv_unified = True
         cparams.swa_full = True  # sliding-window models keep every cell a shared prefix needs
         cparams.no_perf = True
+        if config.kv_type not in _KV_TYPES:
+            raise LcprobeError(f"unknown KV cache type '{config.kv_type}' ({', '.join(_KV_TYPES)})")
+        cparams.type_k = cparams.type_v = _KV_TYPES[config.kv_type]
+        if config.flash_attn not in _FLASH_ATTN:
+            raise LcprobeError(f"unknown flash attention mode '{config.flash_attn}' ({', '.join(_FLASH_ATTN)})")
+        cparams.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         cparams.cb_eval = ctypes.cast(
             self.capture.callback_address, llama_cpp.ggml_backend_sched_eval_callback
         )

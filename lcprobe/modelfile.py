@@ -31,7 +31,7 @@ class ArchSpec:
     """
 
     norm: str = "rms"  # final norm: "rms" or "layer"
-    embed: str = "inp_embd"
+    embed: str = "embd"  # the get_rows node of the token embedding
     mid: str | None = "ffn_inp"
 
 

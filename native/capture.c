@@ -84,6 +84,13 @@ typedef struct {
     size_t stage_cap;
 
     int64_t n_calls;
+
+    /* optional trace of every node name the scheduler offers (lcprobe sites) */
+    int tracing;
+    char *trace;
+    size_t trace_len;
+    size_t trace_cap;
+
     int has_err;
     char err[512];
 } lcp_state;
@@ -337,6 +344,13 @@ static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
     if (name == NULL) {
         return ask ? false : true;
     }
+    if (ask && s->tracing) {
+        size_t len = strlen(name) + 1;
+        if (s->trace_len + len <= (1u << 22) && lcp_grow((void **)&s->trace, &s->trace_cap, s->trace_len + len)) {
+            memcpy(s->trace + s->trace_len, name, len);
+            s->trace_len += len;
+        }
+    }
     int idx = lcp_find_site(s, name);
     int wanted = idx >= 0;
     for (int i = 0; i < s->n_patches && !wanted; i++) {
@@ -378,6 +392,7 @@ static void lcp_free(lcp_state *s) {
     free(s->out_tok);
     free(s->rows);
     free(s->stage);
+    free(s->trace);
     for (int i = 0; i < LCP_MAX_PATCHES; i++) {
         free(s->patches[i].saved);
     }
@@ -688,7 +703,41 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
     return Py_NewRef(Py_None);
 }
 
+PyDoc_STRVAR(trace_doc, "trace(state, on: bool) -> list[str]\n\n"
+                        "Return the node names offered since the last call (in graph order) and "
+                        "turn tracing on or off.");
+static PyObject *py_trace(PyObject *self, PyObject *args) {
+    PyObject *cap;
+    int on;
+    if (!PyArg_ParseTuple(args, "Op", &cap, &on)) {
+        return NULL;
+    }
+    lcp_state *s = lcp_get(cap);
+    if (!s) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (!out) {
+        return NULL;
+    }
+    for (size_t at = 0; at < s->trace_len;) {
+        size_t len = strlen(s->trace + at);
+        PyObject *name = PyUnicode_DecodeUTF8(s->trace + at, (Py_ssize_t)len, "replace");
+        if (!name || PyList_Append(out, name) < 0) {
+            Py_XDECREF(name);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(name);
+        at += len + 1;
+    }
+    s->trace_len = 0;
+    s->tracing = on;
+    return out;
+}
+
 static PyMethodDef lcp_methods[] = {
+    {"trace", py_trace, METH_VARARGS, trace_doc},
     {"new", py_new, METH_VARARGS, new_doc},
     {"callback_address", py_callback_address, METH_NOARGS, callback_address_doc},
     {"state_address", py_state_address, METH_O, state_address_doc},

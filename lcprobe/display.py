@@ -1,0 +1,101 @@
+"""Terminal output with rich: live progress while probing, per-layer tables after.
+
+Only the CLI imports this module; the core stays quiet and usable as a library.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from .runner import ProbeStats
+
+
+class RunProgress:
+    """Live display: items done/total, ETA, tokens/s and the best layer so far."""
+
+    def __init__(self, console: Console, title: str, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("items"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[best]}"),
+            console=console,
+            transient=False,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task(title, total=None, rate="", best="")
+        self._t0 = time.perf_counter()
+        self._best = ""
+
+    def __enter__(self) -> "RunProgress":
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def set_best(self, layer: int | None, value: float | None, metric: str) -> None:
+        if layer is not None and value is not None:
+            self._best = f"best so far: layer {layer} ({metric} {value:.3f})"
+
+    def update(self, stats: ProbeStats) -> None:
+        secs = max(stats.seconds_decode + stats.seconds_lens, 1e-9)
+        rate = f"{stats.tokens_decoded / secs:,.0f} tok/s" if stats.tokens_decoded else ""
+        self._progress.update(
+            self._task, total=stats.items_total, completed=stats.items_done, rate=rate, best=self._best
+        )
+
+
+def bar(value: float, width: int = 30) -> str:
+    value = min(max(value, 0.0), 1.0)
+    full = int(value * width)
+    frac = value * width - full
+    partial = " ▏▎▍▌▋▊▉"[int(frac * 8)] if full < width else ""
+    return ("█" * full + partial).ljust(width)
+
+
+def layer_table(summary: dict[str, Any], title: str | None = None) -> Table:
+    """One row per layer: the task metric with a bar, the best layer highlighted."""
+    metric = summary["metric"]
+    best = summary.get("best_layer")
+    table = Table(title=title or f"{summary.get('task')} · {metric} per layer", title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("", no_wrap=True)
+    others = [m for m in ("acc", "mc1", "mc2", "acc_per_token", "acc_per_byte") if m != metric]
+    for m in others:
+        table.add_column(m, justify="right", style="dim")
+    for row in summary["layers"]:
+        v = row.get(metric)
+        style = "bold green" if row["layer"] == best else None
+        cells = [
+            str(row["layer"]),
+            "—" if v is None else f"{v:.3f}",
+            Text(bar(v or 0.0), style="green" if row["layer"] == best else "cyan"),
+        ]
+        cells += ["—" if row.get(m) is None else f"{row[m]:.3f}" for m in others]
+        table.add_row(*cells, style=style)
+    return table
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    t = summary.get("timing", {})
+    return (
+        f"{summary.get('task')} on {summary.get('model_name', summary.get('model'))}: best layer "
+        f"{summary.get('best_layer')}/{summary.get('n_layer')} {summary['metric']}={summary.get('best_value')}"
+        f" (last layer {summary.get('last_value')}), {summary.get('n_items')} items, "
+        f"{t.get('seconds_per_item', 0):.3f} s/item"
+    )

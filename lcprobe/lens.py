@@ -1,0 +1,150 @@
+"""The logit lens: final norm + output head applied to captured residual rows.
+
+Pure numpy, float32 throughout, bounded memory: rows go through the head in
+chunks sized so that one chunk of logits stays under ``budget_bytes``, and
+only the requested tokens' log-probabilities leave a chunk (never a full
+rows x vocab array in float64).
+
+Modes (``Lens.mode``):
+- ``final-norm``: norm then head at every layer, the usual logit lens;
+- ``raw``: the head alone on layers 1..N-1 and norm + head on layer N, which
+  is what Chen et al.'s code computes (their last hidden state is already
+  normed by the framework).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .modelfile import ModelInfo, read_head
+
+LENS_MODES = ("final-norm", "raw")
+
+DEFAULT_BUDGET = 256 << 20
+
+
+@dataclass
+class Unembed:
+    """Final norm and output head of one model, as float32 arrays."""
+
+    norm_weight: np.ndarray  # (n_embd,)
+    head: np.ndarray  # (n_vocab, n_embd)
+    eps: float
+    norm: str = "rms"
+    norm_bias: np.ndarray | None = None
+    softcap: float = 0.0
+    scale: float = 1.0
+
+    @classmethod
+    def from_model(cls, info: ModelInfo) -> "Unembed":
+        w = read_head(info.path, info)
+        return cls(
+            norm_weight=w["norm_weight"],
+            head=w["head"],
+            eps=info.norm_eps,
+            norm=info.spec.norm,
+            norm_bias=w.get("norm_bias"),
+            softcap=info.logit_softcap,
+            scale=info.logit_scale,
+        )
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.head.shape[0])
+
+    def digest(self) -> str:
+        """sha256 of the norm and head as used; stored with results to tie them to it."""
+        h = hashlib.sha256()
+        for arr in (self.norm_weight, self.head, self.norm_bias):
+            if arr is not None:
+                h.update(np.ascontiguousarray(arr).data)
+        h.update(f"{self.norm}:{self.eps}:{self.softcap}:{self.scale}".encode())
+        return h.hexdigest()
+
+    def normalize(self, h: np.ndarray) -> np.ndarray:
+        h = np.asarray(h, dtype=np.float32)
+        if self.norm == "layer":
+            h = h - h.mean(-1, keepdims=True)
+        # mean of squares in float64 to keep the norm exact for wide rows
+        ms = np.mean(np.square(h, dtype=np.float64), axis=-1, keepdims=True)
+        out = (h / np.sqrt(ms + self.eps).astype(np.float32)) * self.norm_weight
+        if self.norm_bias is not None:
+            out += self.norm_bias
+        return out.astype(np.float32, copy=False)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Head (and any logit scale / soft-cap) on already-normed rows."""
+        z = np.asarray(x, dtype=np.float32) @ self.head.T
+        if self.scale != 1.0:
+            z *= np.float32(1.0 / self.scale)  # llama.cpp divides by f_logit_scale
+        if self.softcap:
+            z /= self.softcap
+            np.tanh(z, out=z)
+            z *= self.softcap
+        return z
+
+
+class Lens:
+    """Maps residual rows at a 1-based layer to vocabulary log-probabilities."""
+
+    def __init__(self, unembed: Unembed, n_layer: int, mode: str = "final-norm",
+                 budget_bytes: int = DEFAULT_BUDGET) -> None:
+        if mode not in LENS_MODES:
+            raise ValueError(f"unknown lens '{mode}' (choose from {', '.join(LENS_MODES)})")
+        self.unembed = unembed
+        self.n_layer = n_layer
+        self.mode = mode
+        self.budget_bytes = budget_bytes
+
+    def transform(self, h: np.ndarray, layer: int) -> np.ndarray:
+        if self.mode == "raw" and layer < self.n_layer:
+            return np.asarray(h, dtype=np.float32)
+        return self.unembed.normalize(h)
+
+    def _chunk_rows(self) -> int:
+        return max(1, self.budget_bytes // (4 * self.unembed.n_vocab))
+
+    def log_probs(self, h: np.ndarray, layer: int) -> np.ndarray:
+        """Full log-softmax rows ``(n, vocab)``; the caller bounds ``n``."""
+        z = self.unembed.logits(self.transform(h, layer))
+        z -= _logsumexp(z)[:, None]
+        return z
+
+    def token_log_probs(self, hs: np.ndarray, layers: list[int], targets: list[np.ndarray]) -> np.ndarray:
+        """Log-probabilities of selected tokens at each row and layer.
+
+        ``hs`` is ``(n_layers, n_rows, n_embd)``; ``targets[r]`` lists the token
+        ids wanted from row ``r``. Returns ``(n_layers, n_pairs)`` in the order
+        of ``np.concatenate(targets)``.
+        """
+        n_layers, n_rows, _ = hs.shape
+        counts = np.array([len(t) for t in targets], dtype=np.int64)
+        tok = np.concatenate(targets).astype(np.int64) if n_rows else np.zeros(0, np.int64)
+        # Stack every layer's rows so BLAS sees one tall matrix per chunk.
+        x = np.concatenate([self.transform(hs[li], layer) for li, layer in enumerate(layers)])
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        out = np.empty(n_layers * len(tok), np.float32)
+        step = self._chunk_rows()
+        for r0 in range(0, len(x), step):
+            r1 = min(len(x), r0 + step)
+            z = self.unembed.logits(x[r0:r1])
+            lse = _logsumexp(z)
+            rows = np.arange(r0, r1)
+            li, r = np.divmod(rows, n_rows)
+            n_pick = counts[r]
+            local = np.repeat(rows - r0, n_pick)
+            offset = np.arange(len(local)) - np.repeat(np.cumsum(n_pick) - n_pick, n_pick)
+            pair = np.repeat(starts[r], n_pick) + offset
+            dest = np.repeat(li, n_pick) * len(tok) + pair
+            out[dest] = z[local, tok[pair]] - lse[local]
+        return out.reshape(n_layers, len(tok))
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-sum-exp in float32 with a float64 accumulator; z is kept."""
+    m = z.max(axis=-1)
+    s = np.exp(z - m[:, None]).sum(axis=-1, dtype=np.float64)
+    return (m + np.log(s)).astype(np.float32)

@@ -1,0 +1,232 @@
+"""The probe: task items -> token tries -> batched decode with capture -> lens -> scores.
+
+:class:`Prober` is the library entry point; it prints nothing. Progress goes
+to an optional callback, results come back as :class:`ItemResult` objects in
+item order, one decode group at a time, so a caller can write them as they
+finish and stop between groups.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .batching import (
+    Request,
+    build_units,
+    common_prefix_length,
+    encode_item,
+    group_units,
+    layout_group,
+    unit_scores,
+)
+from .capture import Site
+from .engine import Engine
+from .errors import LcprobeError, PromptTooLongError
+from .lens import Lens
+from .tasks import Item
+
+# Captured rows kept per group: bounds memory for wide, deep models.
+ROW_BUDGET_BYTES = 256 << 20
+
+SITES = ("resid_post", "resid_mid")
+
+
+@dataclass
+class ItemResult:
+    id: str
+    choices: list[str]
+    correct: list[int]
+    scores: np.ndarray  # (n_choices, n_layers): summed continuation log-probs
+    n_tokens: list[int]
+    n_bytes: list[int]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ProbeStats:
+    items_total: int = 0
+    items_done: int = 0
+    items_skipped: int = 0
+    tokens_decoded: int = 0
+    tokens_unique: int = 0
+    prefix_tokens: int = 0
+    lens_rows: int = 0
+    split_mismatches: int = 0
+    seconds_decode: float = 0.0
+    seconds_lens: float = 0.0
+    seconds_total: float = 0.0
+
+
+def parse_layers(spec: str | None, n_layer: int) -> list[int]:
+    """Layer selection like ``1:10,20,-1`` (1-based, inclusive ranges, negatives from the end)."""
+    if spec is None or spec.strip() in ("", "all"):
+        return list(range(1, n_layer + 1))
+
+    def one(tok: str) -> int:
+        try:
+            v = int(tok)
+        except ValueError:
+            raise LcprobeError(f"bad layer '{tok}' in --layers '{spec}' (use e.g. 1:10,20,-1)") from None
+        if v < 0:
+            v = n_layer + 1 + v
+        if not 1 <= v <= n_layer:
+            raise LcprobeError(f"layer {tok} in --layers is out of range: this model has layers 1..{n_layer}")
+        return v
+
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if ":" in part:
+            a, _, b = part.partition(":")
+            lo = one(a) if a.strip() else 1
+            hi = one(b) if b.strip() else n_layer
+            if lo > hi:
+                raise LcprobeError(f"empty layer range '{part}' in --layers")
+            out.update(range(lo, hi + 1))
+        elif part:
+            out.add(one(part))
+    if not out:
+        raise LcprobeError(f"--layers '{spec}' selects no layer")
+    return sorted(out)
+
+
+class Prober:
+    def __init__(self, engine: Engine, lens: Lens, layers: Sequence[int], site: str = "resid_post") -> None:
+        if site not in SITES:
+            raise LcprobeError(f"unknown site '{site}' (choose from {', '.join(SITES)})")
+        self.engine = engine
+        self.lens = lens
+        self.layers = list(layers)
+        self.site = site
+        info = engine.info
+        self.sites = [Site(info.site_name(site, layer), info.n_embd) for layer in self.layers]
+        row_bytes = 4 * info.n_embd * len(self.layers)
+        self.max_rows = max(64, ROW_BUDGET_BYTES // row_bytes)
+
+    def encode(self, items: Sequence[Item]) -> tuple[list[Request], list[Item]]:
+        """Tokenize items; those that cannot fit the context are returned as skipped."""
+        tokenize = lambda text, special: self.engine.tokenize(text, add_special=special)  # noqa: E731
+        requests, skipped = [], []
+        for i, item in enumerate(items):
+            r = encode_item(i, item, tokenize)
+            need = len(r.context) + max((len(c) for c in r.continuations), default=0)
+            if need > self.engine.n_ctx:
+                skipped.append(item)
+            else:
+                requests.append(r)
+        return requests, skipped
+
+    def run(
+        self,
+        items: Sequence[Item],
+        done: set[str] | frozenset[str] = frozenset(),
+        progress: Callable[[ProbeStats], None] | None = None,
+        stats: ProbeStats | None = None,
+    ) -> Iterator[list[ItemResult]]:
+        """Yield results group by group, in item order; ``done`` ids are not recomputed."""
+        t_start = time.perf_counter()
+        stats = stats or ProbeStats()
+        requests, skipped = self.encode(items)
+        stats.items_total = len(requests)
+        stats.items_skipped = len(skipped)
+        if not requests:
+            ctx = self.engine.n_ctx
+            raise PromptTooLongError(
+                f"no item fits the context of {ctx} tokens; raise -c/--ctx-size"
+                if skipped else "the task has no items"
+            )
+        stats.split_mismatches = sum(r.split_mismatches for r in requests)
+        eng = self.engine
+        prefix_len = common_prefix_length(requests)
+        prefix = list(requests[0].context[:prefix_len])
+        units = build_units(requests, prefix_len, eng.n_seq_max - 1)
+        groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, eng.n_seq_max - 1, self.max_rows)
+        stats.prefix_tokens = prefix_len
+        stats.tokens_unique = prefix_len + sum(u.n_nodes for u in units)
+        stats.items_done = sum(1 for r in requests if r.item.id in done)
+        todo = [g for g in groups if any(u.request.item.id not in done for u in g)]
+        if progress:
+            progress(stats)
+        if not todo:
+            return
+        eng.set_sites([])
+        eng.clear()
+        if prefix:
+            t0 = time.perf_counter()
+            self._decode_prefix(prefix)
+            stats.seconds_decode += time.perf_counter() - t0
+            stats.tokens_decoded += prefix_len
+        eng.set_sites(self.sites)
+        partial: dict[int, np.ndarray] = {}
+        try:
+            for group in todo:
+                results = self._run_group(group, prefix_len, stats, partial)
+                stats.seconds_total = time.perf_counter() - t_start
+                stats.items_done += len(results)
+                if progress:
+                    progress(stats)
+                yield results
+        finally:
+            eng.clear()
+
+    def _decode_prefix(self, prefix: list[int]) -> None:
+        eng = self.engine
+        for start in range(0, len(prefix), eng.n_batch):
+            chunk = prefix[start : start + eng.n_batch]
+            outputs = np.zeros(len(chunk), bool)
+            outputs[-1] = True  # llama.cpp wants at least one output per batch
+            eng.decode(chunk, range(start, start + len(chunk)), [[0]] * len(chunk), outputs)
+
+    def _run_group(self, group, prefix_len: int, stats: ProbeStats, partial: dict[int, np.ndarray]) -> list[ItemResult]:
+        eng = self.engine
+        batch = layout_group(group, prefix_len)
+        t0 = time.perf_counter()
+        for s in batch.seqs:
+            eng.seq_copy(0, s)
+        rows = []
+        try:
+            n = len(batch.tokens)
+            for a in range(0, n, eng.n_batch):
+                b = min(n, a + eng.n_batch)
+                r, _ = eng.decode(batch.tokens[a:b], batch.positions[a:b], batch.seq_ids[a:b], batch.outputs[a:b])
+                rows.append(r)
+        finally:
+            for s in batch.seqs:
+                eng.seq_remove(s)
+        stats.tokens_decoded += len(batch.tokens)
+        t1 = time.perf_counter()
+        hs = np.concatenate(rows, axis=1)
+        flat = self.lens.token_log_probs(hs, self.layers, batch.row_targets)
+        stats.lens_rows += hs.shape[1]
+        t2 = time.perf_counter()
+        stats.seconds_decode += t1 - t0
+        stats.seconds_lens += t2 - t1
+        # Split the flat pair array back per output row.
+        sizes = [len(t) for t in batch.row_targets]
+        per_row = np.split(flat, np.cumsum(sizes)[:-1], axis=1) if sizes else []
+        results = []
+        for u, first in zip(group, batch.unit_rows):
+            scores = unit_scores(u, per_row[first : first + len(u.out_nodes)])
+            req = u.request
+            acc = partial.setdefault(req.index, np.zeros((len(req.continuations), len(self.layers))))
+            acc[list(u.choices)] = scores
+            if u.choices[-1] == len(req.continuations) - 1:
+                results.append(self._result(req, partial.pop(req.index)))
+        return results
+
+    @staticmethod
+    def _result(req: Request, scores: np.ndarray) -> ItemResult:
+        item = req.item
+        return ItemResult(
+            id=item.id,
+            choices=list(item.choices),
+            correct=list(item.correct),
+            scores=scores,
+            n_tokens=[len(c) for c in req.continuations],
+            n_bytes=[len(c.encode("utf-8")) for c in item.choices],
+            meta=dict(item.meta),
+        )

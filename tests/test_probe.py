@@ -1,0 +1,106 @@
+"""The batched prober (shared prefix, token tries, many sequences per decode)
+against the plainest possible method: each choice's full prompt decoded on
+its own, rows captured, the lens applied, log-probs summed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lcprobe.batching import build_unit, encode_item, split_context
+from lcprobe.capture import Site
+from lcprobe.engine import Engine, EngineConfig
+from lcprobe.errors import LcprobeError, PromptTooLongError
+from lcprobe.lens import Lens, Unembed
+from lcprobe.modelfile import read_model_info
+from lcprobe.runner import Prober, parse_layers
+from lcprobe.tasks import Item
+
+PREFIX = "Answer with the number only.\n\nQ: What is 3 + 4?\nA: 7\n\nQ: What is 10 + 5?\nA: 15\n\n"
+
+
+def _items() -> list[Item]:
+    qs = [("12 + 30", ["42", "41", "52", "32"], 0), ("9 + 9", ["17", "18", "19", "81"], 1),
+          ("20 + 21", ["41", "14", "40", "411"], 0), ("7 + 8", ["16", "15", "1", "115"], 1),
+          ("100 + 1", ["101", "110", "1001", "11"], 0)]
+    return [Item(id=str(i), context=PREFIX + f"Q: What is {q}?\nA:", choices=tuple(" " + c for c in cs),
+                 correct=(k,), meta={}) for i, (q, cs, k) in enumerate(qs)]
+
+
+def naive_scores(engine: Engine, lens: Lens, item: Item, layers: list[int]) -> np.ndarray:
+    tok = lambda t, s: engine.tokenize(t, add_special=s)  # noqa: E731
+    req = encode_item(0, item, tok)
+    info = engine.info
+    engine.set_sites([Site(info.site_name("resid_post", layer), info.n_embd) for layer in layers])
+    out = []
+    for cont in req.continuations:
+        seq = list(req.context) + list(cont)
+        outputs = np.zeros(len(seq), bool)
+        outputs[len(req.context) - 1 : len(seq) - 1] = True
+        rows, _ = engine.decode_sequence(seq, outputs)
+        targets = [np.array([t]) for t in cont]
+        out.append(lens.token_log_probs(rows, layers, targets).sum(axis=1))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def smol_setup(smollm2):
+    info = read_model_info(smollm2)
+    lens = Lens(Unembed.from_model(info), info.n_layer)
+    eng = Engine(info, EngineConfig(n_ctx=1024, n_batch=64, n_ubatch=32, n_seq_max=16, n_threads=2))
+    yield eng, lens
+    eng.close()
+
+
+@pytest.mark.slow
+def test_batched_equals_naive(smol_setup):
+    eng, lens = smol_setup
+    layers = list(range(1, eng.info.n_layer + 1))
+    items = _items()
+    prober = Prober(eng, lens, layers)
+    batched = [r for group in prober.run(items) for r in group]
+    assert [r.id for r in batched] == [it.id for it in items]
+    for item, res in zip(items, batched):
+        ref = naive_scores(eng, lens, item, layers)
+        # llama.cpp is not bit-identical across batch shapes; Q4 activations
+        # move log-probs by ~1e-3. Winners must agree exactly.
+        np.testing.assert_allclose(res.scores, ref, atol=0.05, rtol=0)
+        np.testing.assert_array_equal(res.scores.argmax(0), ref.argmax(0))
+
+
+def test_split_context_moves_trailing_space():
+    assert split_context("A: ", "42") == ("A:", " 42")
+    assert split_context("A:", " 42") == ("A:", " 42")
+
+
+def test_trie_shares_prefix_tokens():
+    item = Item(id="x", context="ctx", choices=("a", "b", "c"), correct=(0,), meta={})
+    from lcprobe.batching import Request
+
+    req = Request(0, item, (1, 2, 3), ((10, 11, 12), (10, 11, 13), (20,)))
+    unit = build_unit(req, [0, 1, 2], prefix_len=1)
+    # nodes: 2, 3 (shared context), 10, 11 (shared by a, b), 12, 13, 20
+    assert unit.tokens == [2, 3, 10, 11, 12, 20, 13] or sorted(unit.tokens) == [2, 3, 10, 11, 12, 13, 20]
+    assert unit.n_nodes == 7
+    # outputs: last context token (predicts 10 / 20), node 10 (predicts 11), node 11 (predicts 12 / 13)
+    assert len(unit.out_nodes) == 3
+    assert sorted(len(t) for t in unit.out_targets) == [1, 2, 2]
+    assert [len(p) for p in unit.choice_pairs] == [3, 3, 1]
+
+
+def test_layer_specs():
+    assert parse_layers(None, 30) == list(range(1, 31))
+    assert parse_layers("1:3,20,-1", 30) == [1, 2, 3, 20, 30]
+    assert parse_layers("-2:", 30) == [29, 30]
+    for bad in ("0", "31", "x", "5:2", "-31"):
+        with pytest.raises(LcprobeError):
+            parse_layers(bad, 30)
+
+
+def test_prompt_longer_than_context(smollm2):
+    info = read_model_info(smollm2)
+    lens = Lens(Unembed.from_model(info), info.n_layer)
+    with Engine(info, EngineConfig(n_ctx=64, n_batch=64, n_ubatch=64, n_seq_max=4, n_threads=2)) as eng:
+        long_item = Item(id="long", context="word " * 200, choices=(" a", " b"), correct=(0,), meta={})
+        with pytest.raises(PromptTooLongError, match="context"):
+            list(Prober(eng, lens, [info.n_layer]).run([long_item]))
