@@ -119,7 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what lcprobe knows about a model file (no weights loaded)")
     info.add_argument("-m", "--model", default=DEFAULT_MODEL)
     info.add_argument("--json", action="store_true")
+
+    # Larger commands live in their own modules (lcprobe/commands/*.py), each
+    # with add_parser(subparsers, add_model_args) and run(args) -> int.
+    for name, mod in _command_modules().items():
+        mod.add_parser(sub, _add_model_args)
     return parser
+
+
+def _command_modules() -> dict[str, Any]:
+    import importlib
+
+    mods = {}
+    for name in PLUGIN_COMMANDS:
+        try:
+            mods[name] = importlib.import_module(f"lcprobe.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"lcprobe.commands.{name}":
+                raise
+    return mods
 
 
 def _console(quiet: bool = False):
@@ -134,110 +152,58 @@ def _resolve_model(spec: str) -> Path:
     return resolve_model(spec)
 
 
-def _versions() -> dict[str, str]:
-    from .engine import llama_cpp_version
+def probe_options(args: argparse.Namespace) -> "ProbeOptions":
+    from .session import ProbeOptions
 
-    return {"lcprobe": __version__, "llama_cpp_python": llama_cpp_version()}
+    return ProbeOptions(
+        layers=getattr(args, "layers", None), lens=getattr(args, "lens", "final-norm"),
+        site=getattr(args, "site", "resid_post"), limit=getattr(args, "limit", None),
+        seed=getattr(args, "seed", 0), n_ctx=args.ctx_size, n_batch=args.batch_size,
+        n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+    )
+
+
+def resume_hint() -> str:
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    return " ".join(["lcprobe"] + argv + ["--resume"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .display import RunProgress, final_line, layer_table
-    from .engine import Engine, EngineConfig, check_sites_exist, set_llama_log
-    from .lens import Lens, Unembed
-    from .modelfile import file_sha256, read_model_info
-    from .results import RunWriter, breakdown, read_items, write_summary
-    from .runner import ProbeStats, Prober, parse_layers
+    from .session import open_model, run_task
     from .tasks import load_task
 
     console = _console(args.quiet)
-    t_start = time.perf_counter()
-    info = read_model_info(_resolve_model(args.model))
+    options = probe_options(args)
+    path = _resolve_model(args.model)
     task = load_task(args.task, data=args.data)
-    items = task.items(limit=args.limit, seed=args.seed)
-    if not items:
-        raise LcprobeError(f"task {task.name} has no items")
-    layers = parse_layers(args.layers, info.n_layer)
+    from .modelfile import read_model_info
+
+    info = read_model_info(path)
     out_dir = Path(args.output or Path("results") / info.stem / task.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_llama_log(out_dir / "llama.log")
-    sha = file_sha256(info.path)
-    run_key = {
-        "model_sha256": sha, "task": task.name, "task_hash": task.hash(), "lens": args.lens,
-        "site": args.site, "layers": layers, "limit": args.limit, "seed": args.seed,
-        "n_ctx": args.ctx_size, "n_batch": args.batch_size,
-    }
-    writer = RunWriter(out_dir, run_key, args.resume)
-    console.print(f"[bold]lcprobe[/] {task.name} ({len(items)} items) on {info.name} "
-                  f"[dim]{info.arch}, {info.n_layer} layers, {info.file_type}[/] -> {out_dir}")
-    unembed = Unembed.from_model(info)
-    lens = Lens(unembed, info.n_layer, args.lens)
-    config = EngineConfig(n_ctx=args.ctx_size, n_batch=args.batch_size, n_ubatch=args.batch_size,
-                          n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
-    stats = ProbeStats()
-    interrupted = False
-    t_load = time.perf_counter()
-    with Engine(info, config) as engine:
-        prober = Prober(engine, lens, layers, args.site)
-        engine.set_sites(prober.sites)
-        check_sites_exist(engine)
-        load_seconds = time.perf_counter() - t_load
-        records = list(writer.done)
-        t_probe = time.perf_counter()
+    console.print(f"[bold]lcprobe[/] {task.name} on {info.name} "
+                  f"[dim]({info.arch}, {info.n_layer} layers, {info.file_type})[/] -> {out_dir}")
+    with open_model(path, options, log_path=out_dir / "llama.log") as model:
         with Interrupt() as stop, RunProgress(console, task.name, enabled=not args.quiet) as live:
-            from .results import layer_metrics
-            from . import metrics as M
+            def progress(stats, best):
+                if best:
+                    live.set_best(best["layer"], best["value"], best["metric"])
+                live.update(stats)
 
-            for results in prober.run(items, done=writer.done_ids, progress=live.update, stats=stats):
-                writer.write(results)
-                from .results import item_line
-
-                records.extend(json.loads(item_line(r)) for r in results)
-                vals = layer_metrics(records, len(layers)).values[task.metric]
-                b = M.best_layer(vals)
-                live.set_best(layers[b], float(vals[b]), task.metric)
-                if stop.requested:
-                    interrupted = True
-                    break
-        probe_seconds = time.perf_counter() - t_probe
-    writer.close()
-    records = read_items(writer.items_path)
-    new_items = max(stats.items_done - len(writer.done), 0)
-    header = {
-        "model": str(info.path), "model_name": info.name, "sha256": sha, "architecture": info.arch,
-        "quantization": info.file_type, "head_type": info.head_type, "n_layer": info.n_layer,
-        "n_embd": info.n_embd, "task": task.name, "task_hash": task.hash(), "task_source": task.source,
-        "fewshot_ids": task.fewshot_ids(), "lens": args.lens, "site": args.site,
-        "unembed_sha256": unembed.digest(),
-    }
-    extra: dict[str, Any] = {
-        "n_skipped": stats.items_skipped,
-        "complete": not interrupted and len(records) == stats.items_total,
-        "timing": {
-            "seconds_total": round(time.perf_counter() - t_start, 3),
-            "seconds_load": round(load_seconds, 3),
-            "seconds_probe": round(probe_seconds, 3),
-            "seconds_per_item": round(probe_seconds / new_items, 4) if new_items else None,
-            "seconds_decode": round(stats.seconds_decode, 3),
-            "seconds_lens": round(stats.seconds_lens, 3),
-            "tokens_decoded": stats.tokens_decoded,
-            "tokens_unique": stats.tokens_unique,
-            "lens_rows": stats.lens_rows,
-        },
-        "tokenization_split_mismatches": stats.split_mismatches,
-        "versions": _versions(),
-    }
-    if task.name.startswith("calc"):
-        extra["breakdown"] = breakdown(records, ("op", "type", "digits"))
-    summary = write_summary(out_dir, header, layers, task.metric, records, extra)
-    if interrupted:
-        console.print(f"[yellow]interrupted[/]: {len(records)} of {stats.items_total} items saved in {out_dir}")
-        resume = " ".join([Path(sys.argv[0]).name] + [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"])
-        print(f"resume with: {resume}", file=sys.stderr)
+            outcome = run_task(model, task, out_dir, options, resume=args.resume,
+                               progress=progress, should_stop=lambda: stop.requested)
+    summary = outcome.summary
+    if outcome.interrupted:
+        console.print(f"[yellow]interrupted[/]: {summary['n_items']} of {outcome.stats.items_total} "
+                      f"items saved in {out_dir}")
+        print(f"resume with: {resume_hint()}", file=sys.stderr)
         return 130
-    if stats.items_skipped:
-        console.print(f"[yellow]{stats.items_skipped} items skipped: prompt longer than the context ({engine.n_ctx})[/]")
+    if outcome.stats.items_skipped:
+        console.print(f"[yellow]{outcome.stats.items_skipped} items skipped: prompt longer than the "
+                      f"context ({options.n_ctx} tokens)[/]")
     if not args.quiet:
-        console.print(layer_table(summary, title=f"{task.name} · {info.name} ({info.file_type}) · {summary['metric']} per layer"))
+        console.print(layer_table(summary, title=f"{task.name} · {info.name} ({info.file_type}) · "
+                                                 f"{summary['metric']} per layer"))
     print(final_line(summary))
     return 0
 
@@ -376,6 +342,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+PLUGIN_COMMANDS = ("suite", "report", "data", "plan", "quantize", "compare", "depth", "sites")
+
 COMMANDS = {"run": cmd_run, "check": cmd_check, "models": cmd_models, "tasks": cmd_tasks, "info": cmd_info}
 
 
@@ -385,8 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    handler = COMMANDS.get(args.command) or _command_modules()[args.command].run
     try:
-        return COMMANDS[args.command](args)
+        return handler(args)
     except LcprobeError as exc:
         print(f"lcprobe: error: {exc}", file=sys.stderr)
         return 1

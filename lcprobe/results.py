@@ -106,7 +106,6 @@ class RunWriter:
 
 @dataclass
 class LayerTable:
-    layers: list[int]
     values: dict[str, np.ndarray]  # metric -> (n_layers,)
     n_items: int
 
@@ -121,7 +120,7 @@ def layer_metrics(records: list[dict[str, Any]], n_layers: int) -> LayerTable:
         values = metrics.aggregate(per_item)
     else:
         values = {m: np.full(n_layers, np.nan) for m in metrics.METRICS}
-    return LayerTable(layers=[], values=values, n_items=len(records))
+    return LayerTable(values=values, n_items=len(records))
 
 
 def breakdown(records: list[dict[str, Any]], keys: Iterable[str]) -> dict[str, dict[str, list[float]]]:

@@ -126,8 +126,14 @@ class Prober:
         done: set[str] | frozenset[str] = frozenset(),
         progress: Callable[[ProbeStats], None] | None = None,
         stats: ProbeStats | None = None,
+        on_rows: Callable[[list[ItemResult], np.ndarray], None] | None = None,
     ) -> Iterator[list[ItemResult]]:
-        """Yield results group by group, in item order; ``done`` ids are not recomputed."""
+        """Yield results group by group, in item order; ``done`` ids are not recomputed.
+
+        ``on_rows(results, rows)`` sees each finished item's captured hidden
+        rows, ``(n_layers, n_scored_rows, n_embd)`` in its choices' scoring
+        order (for representation comparisons between models).
+        """
         t_start = time.perf_counter()
         stats = stats or ProbeStats()
         requests, skipped = self.encode(items)
@@ -164,7 +170,7 @@ class Prober:
         partial: dict[int, np.ndarray] = {}
         try:
             for group in todo:
-                results = self._run_group(group, prefix_len, stats, partial)
+                results = self._run_group(group, prefix_len, stats, partial, on_rows)
                 stats.seconds_total = time.perf_counter() - t_start
                 stats.items_done += len(results)
                 if progress:
@@ -181,7 +187,8 @@ class Prober:
             outputs[-1] = True  # llama.cpp wants at least one output per batch
             eng.decode(chunk, range(start, start + len(chunk)), [[0]] * len(chunk), outputs)
 
-    def _run_group(self, group, prefix_len: int, stats: ProbeStats, partial: dict[int, np.ndarray]) -> list[ItemResult]:
+    def _run_group(self, group, prefix_len: int, stats: ProbeStats, partial: dict[int, np.ndarray],
+                   on_rows: Callable[[list[ItemResult], np.ndarray], None] | None = None) -> list[ItemResult]:
         eng = self.engine
         batch = layout_group(group, prefix_len)
         t0 = time.perf_counter()
@@ -216,6 +223,8 @@ class Prober:
             acc[list(u.choices)] = scores
             if u.choices[-1] == len(req.continuations) - 1:
                 results.append(self._result(req, partial.pop(req.index)))
+                if on_rows is not None:
+                    on_rows([results[-1]], hs[:, first : first + len(u.out_nodes)])
         return results
 
     @staticmethod

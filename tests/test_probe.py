@@ -101,6 +101,6 @@ def test_prompt_longer_than_context(smollm2):
     info = read_model_info(smollm2)
     lens = Lens(Unembed.from_model(info), info.n_layer)
     with Engine(info, EngineConfig(n_ctx=64, n_batch=64, n_ubatch=64, n_seq_max=4, n_threads=2)) as eng:
-        long_item = Item(id="long", context="word " * 200, choices=(" a", " b"), correct=(0,), meta={})
+        long_item = Item(id="long", context="word " * 2000, choices=(" a", " b"), correct=(0,), meta={})
         with pytest.raises(PromptTooLongError, match="context"):
             list(Prober(eng, lens, [info.n_layer]).run([long_item]))
