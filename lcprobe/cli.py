@@ -276,7 +276,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             table.add_column(col)
         for name, e in catalog.load_catalog().items():
             path = catalog.model_path(name)
-            size = f"{e.size / 1e6:,.0f} MB" if e.size else "?"
+            size = f"{e.display_size / 1e6:,.0f} MB" if e.display_size else "?"
             table.add_row(name, e.arch, e.quant, size, "yes" if path.exists() else "no", e.description)
         _console().print(table)
         return 0
