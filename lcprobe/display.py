@@ -93,9 +93,10 @@ def layer_table(summary: dict[str, Any], title: str | None = None) -> Table:
 
 def final_line(summary: dict[str, Any]) -> str:
     t = summary.get("timing", {})
+    per_item = t.get("seconds_per_item")
+    speed = f", {per_item:.3f} s/item" if per_item is not None else ""
     return (
         f"{summary.get('task')} on {summary.get('model_name', summary.get('model'))}: best layer "
         f"{summary.get('best_layer')}/{summary.get('n_layer')} {summary['metric']}={summary.get('best_value')}"
-        f" (last layer {summary.get('last_value')}), {summary.get('n_items')} items, "
-        f"{t.get('seconds_per_item', 0):.3f} s/item"
+        f" (last layer {summary.get('last_value')}), {summary.get('n_items')} items{speed}"
     )
