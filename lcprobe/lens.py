@@ -131,7 +131,6 @@ class Lens:
         for r0 in range(0, len(x), step):
             r1 = min(len(x), r0 + step)
             z = self.unembed.logits(x[r0:r1])
-            lse = _logsumexp(z)
             rows = np.arange(r0, r1)
             li, r = np.divmod(rows, n_rows)
             n_pick = counts[r]
@@ -139,12 +138,23 @@ class Lens:
             offset = np.arange(len(local)) - np.repeat(np.cumsum(n_pick) - n_pick, n_pick)
             pair = np.repeat(starts[r], n_pick) + offset
             dest = np.repeat(li, n_pick) * len(tok) + pair
-            out[dest] = z[local, tok[pair]] - lse[local]
+            picked = z[local, tok[pair]]
+            out[dest] = picked - _logsumexp(z, scratch=True)[local]
         return out.reshape(n_layers, len(tok))
 
 
-def _logsumexp(z: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp in float32 with a float64 accumulator; z is kept."""
+def _logsumexp(z: np.ndarray, scratch: bool = False) -> np.ndarray:
+    """Row-wise log-sum-exp in float32 with a float64 accumulator.
+
+    With ``scratch`` the exponentials are computed in place, overwriting z:
+    for a chunk of rows x vocab that saves a second array of the same size
+    and most of the memory traffic.
+    """
     m = z.max(axis=-1)
-    s = np.exp(z - m[:, None]).sum(axis=-1, dtype=np.float64)
+    if scratch:
+        z -= m[:, None]
+        np.exp(z, out=z)
+        s = z.sum(axis=-1, dtype=np.float64)
+    else:
+        s = np.exp(z - m[:, None]).sum(axis=-1, dtype=np.float64)
     return (m + np.log(s)).astype(np.float32)

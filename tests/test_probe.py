@@ -104,3 +104,33 @@ def test_prompt_longer_than_context(smollm2):
         long_item = Item(id="long", context="word " * 2000, choices=(" a", " b"), correct=(0,), meta={})
         with pytest.raises(PromptTooLongError, match="context"):
             list(Prober(eng, lens, [info.n_layer]).run([long_item]))
+
+
+@pytest.mark.parametrize("context,choice", [
+    ("Q: 2+2?\nA:", " 4"),          # the usual shape: space on the answer
+    ("Q: 2+2?\nA: ", "4"),          # trailing space moved onto the continuation
+    ("The sky is", " blue."),
+    ("x =", "=y"),                 # may merge across the boundary for some BPEs
+])
+def test_tokenization_split(smol_setup, context, choice):
+    eng, _ = smol_setup
+    tok = lambda t, s: eng.tokenize(t, add_special=s)  # noqa: E731
+    item = Item(id="t", context=context, choices=(choice,), correct=(0,), meta={})
+    req = encode_item(0, item, tok)
+    ctx, cont = split_context(context, choice)
+    assert list(req.context) == tok(ctx, True)
+    joint = tok(ctx + cont, True)
+    if req.split_mismatches == 0:
+        # context tokens + continuation tokens are exactly the joint tokenization
+        assert list(req.context) + list(req.continuations[0]) == joint
+    else:
+        assert list(req.continuations[0]) == tok(cont, False)
+    assert len(req.continuations[0]) >= 1
+
+
+def test_bos_follows_the_model(smol_setup, gemma3):
+    eng, _ = smol_setup
+    assert eng.info.add_bos is False
+    assert eng.tokenize("hi")[0] != 1  # SmolLM2 adds no BOS
+    info = read_model_info(gemma3)
+    assert info.add_bos is True
