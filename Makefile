@@ -32,7 +32,7 @@ $(PY):
 # pip caches the wheel, so later environments install it in seconds. lcprobe's
 # own build (scikit-build-core + CMake) never rebuilds it.
 $(STAMP): $(PY) pyproject.toml CMakeLists.txt native/capture.c native/ggml_abi.h
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,plot]'
 	@touch $@
 
 install: $(STAMP)

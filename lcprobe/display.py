@@ -67,27 +67,32 @@ def bar(value: float, width: int = 30) -> str:
     return ("█" * full + partial).ljust(width)
 
 
-def layer_table(summary: dict[str, Any], title: str | None = None) -> Table:
-    """One row per layer: the task metric with a bar, the best layer highlighted."""
+def layer_table(summary: dict[str, Any], title: str | None = None, bar_width: int = 24) -> Table:
+    """One row per layer: the task metric with a bar, the best layer highlighted.
+
+    Beside the task's metric: mc2 (probability mass on true answers) and
+    length-normalised accuracy, the two that most often tell a different story.
+    """
     metric = summary["metric"]
     best = summary.get("best_layer")
     table = Table(title=title or f"{summary.get('task')} · {metric} per layer", title_justify="left")
     table.add_column("layer", justify="right")
     table.add_column(metric, justify="right")
-    table.add_column("", no_wrap=True)
-    others = [m for m in ("acc", "mc1", "mc2", "acc_per_token", "acc_per_byte") if m != metric]
+    table.add_column("", no_wrap=True, min_width=bar_width)
+    others = [m for m in ("mc2", "acc_per_byte") if m != metric]
+    headers = {"mc2": "mc2", "acc_per_byte": "acc/byte"}
     for m in others:
-        table.add_column(m, justify="right", style="dim")
+        table.add_column(headers[m], justify="right", style="dim")
     for row in summary["layers"]:
         v = row.get(metric)
-        style = "bold green" if row["layer"] == best else None
+        is_best = row["layer"] == best
         cells = [
             str(row["layer"]),
             "—" if v is None else f"{v:.3f}",
-            Text(bar(v or 0.0), style="green" if row["layer"] == best else "cyan"),
+            Text(bar(v or 0.0, bar_width), style="green" if is_best else "cyan"),
         ]
         cells += ["—" if row.get(m) is None else f"{row[m]:.3f}" for m in others]
-        table.add_row(*cells, style=style)
+        table.add_row(*cells, style="bold green" if is_best else None)
     return table
 
 
@@ -95,8 +100,11 @@ def final_line(summary: dict[str, Any]) -> str:
     t = summary.get("timing", {})
     per_item = t.get("seconds_per_item")
     speed = f", {per_item:.3f} s/item" if per_item is not None else ""
+    def num(v: Any) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
     return (
         f"{summary.get('task')} on {summary.get('model_name', summary.get('model'))}: best layer "
-        f"{summary.get('best_layer')}/{summary.get('n_layer')} {summary['metric']}={summary.get('best_value')}"
-        f" (last layer {summary.get('last_value')}), {summary.get('n_items')} items{speed}"
+        f"{summary.get('best_layer')}/{summary.get('n_layer')} {summary['metric']}={num(summary.get('best_value'))}"
+        f" (last layer {num(summary.get('last_value'))}), {summary.get('n_items')} items{speed}"
     )
