@@ -31,7 +31,7 @@ $(PY):
 # llama-cpp-python compiles llama.cpp from source (about 10 minutes on 2 cores);
 # pip caches the wheel, so later environments install it in seconds. lcprobe's
 # own build (scikit-build-core + CMake) never rebuilds it.
-$(STAMP): $(PY) pyproject.toml CMakeLists.txt native/capture.c native/ggml_abi.h
+$(STAMP): $(PY) pyproject.toml CMakeLists.txt $(wildcard native/*.c native/*.h)
 	$(PY) -m pip install -q -e '.[test,plot]'
 	@touch $@
 

@@ -68,6 +68,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache cells shared by the prompt prefix and the items decoded together (default 2048)")
     p.add_argument("-b", "--batch-size", type=int, default=512,
                    help="tokens per llama_decode (default 512)")
+    p.add_argument("--lens-backend", choices=("numpy", "ggml"), default="numpy",
+                   help="numpy: float32 product with the dequantized head (default; what transformers "
+                        "would compute on the dequantized GGUF); ggml: the stored (quantized) head through "
+                        "ggml's CPU kernels, exactly llama.cpp's own logits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +164,7 @@ def probe_options(args: argparse.Namespace) -> "ProbeOptions":
         site=getattr(args, "site", "resid_post"), limit=getattr(args, "limit", None),
         seed=getattr(args, "seed", 0), n_ctx=args.ctx_size, n_batch=args.batch_size,
         n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+        lens_backend=getattr(args, "lens_backend", "numpy"),
     )
 
 
@@ -232,7 +237,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     log = default_log_path()
     log.parent.mkdir(parents=True, exist_ok=True)
     set_llama_log(log)
-    unembed = Unembed.from_model(info)
+    unembed = Unembed.from_model(info, backend=args.lens_backend, n_threads=args.threads)
     lens = Lens(unembed, info.n_layer, "final-norm")
     config = EngineConfig(n_ctx=max(args.ctx_size, 512), n_batch=args.batch_size, n_ubatch=args.batch_size,
                           n_seq_max=1, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
@@ -246,7 +251,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     top5 = np.mean([len(set(np.argsort(-a)[:5]) & set(np.argsort(-b)[:5])) / 5 for a, b in zip(ours, logits)])
     result = {
         "model": str(info.path), "architecture": info.arch, "quantization": info.file_type,
-        "head_type": info.head_type, "n_tokens": len(tokens),
+        "head_type": info.head_type, "lens_backend": unembed.backend, "n_tokens": len(tokens),
         "max_abs_diff": round(float(diff.max()), 6), "mean_abs_diff": round(float(diff.mean()), 6),
         "logit_scale": round(float(np.abs(logits).max()), 3),
         "argmax_agreement": round(float((ours.argmax(-1) == logits.argmax(-1)).mean()), 6),

@@ -19,41 +19,87 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .modelfile import ModelInfo, read_head
+from .modelfile import ModelInfo, read_head, read_head_raw
 
 LENS_MODES = ("final-norm", "raw")
+LENS_BACKENDS = ("numpy", "ggml")
 
 DEFAULT_BUDGET = 256 << 20
 
 
+class GgmlHead:
+    """The head as stored in the GGUF (quantized), multiplied by ggml's CPU kernels.
+
+    This is llama.cpp's own computation of its logits (activations quantized
+    to the head's dot-product type), so it reproduces llama.cpp's last layer
+    and runs the integer kernels instead of a float32 product.
+    """
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, n_embd: int, n_rows: int, n_threads: int | None = None) -> None:
+        import os
+
+        from .native import extension, ggml_lens_addresses
+
+        self._ext = extension()
+        self._lens = self._ext.lens_new(ggml_lens_addresses(), raw, ggml_type, n_embd, n_rows)
+        self.n_rows = n_rows
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self._digest = hashlib.sha256(raw.data).hexdigest()
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], self.n_rows), np.float32)
+        if len(x):
+            self._ext.lens_logits(self._lens, x, out, self.n_threads)
+        return out
+
+
 @dataclass
 class Unembed:
-    """Final norm and output head of one model, as float32 arrays."""
+    """Final norm and output head of one model.
+
+    ``head`` is the dequantized float32 head (numpy backend) or None when a
+    :class:`GgmlHead` evaluates the stored head instead.
+    """
 
     norm_weight: np.ndarray  # (n_embd,)
-    head: np.ndarray  # (n_vocab, n_embd)
+    head: np.ndarray | None  # (n_vocab, n_embd)
     eps: float
     norm: str = "rms"
     norm_bias: np.ndarray | None = None
     softcap: float = 0.0
     scale: float = 1.0
+    ggml: GgmlHead | None = None
+    vocab_size: int = 0
 
     @classmethod
-    def from_model(cls, info: ModelInfo) -> "Unembed":
-        w = read_head(info.path, info)
+    def from_model(cls, info: ModelInfo, backend: str = "numpy", n_threads: int | None = None) -> "Unembed":
+        if backend not in LENS_BACKENDS:
+            raise ValueError(f"unknown lens backend '{backend}' ({', '.join(LENS_BACKENDS)})")
+        w = read_head(info.path, info, head=backend == "numpy")
+        ggml = None
+        if backend == "ggml":
+            raw, ggml_type, rows = read_head_raw(info.path, info)
+            ggml = GgmlHead(raw, ggml_type, info.n_embd, rows, n_threads)
         return cls(
             norm_weight=w["norm_weight"],
-            head=w["head"],
+            head=w.get("head"),
             eps=info.norm_eps,
             norm=info.spec.norm,
             norm_bias=w.get("norm_bias"),
             softcap=info.logit_softcap,
             scale=info.logit_scale,
+            ggml=ggml,
+            vocab_size=info.n_vocab,
         )
 
     @property
+    def backend(self) -> str:
+        return "ggml" if self.ggml is not None else "numpy"
+
+    @property
     def n_vocab(self) -> int:
-        return int(self.head.shape[0])
+        return int(self.head.shape[0]) if self.head is not None else self.vocab_size
 
     def digest(self) -> str:
         """sha256 of the norm and head as used; stored with results to tie them to it."""
@@ -61,7 +107,9 @@ class Unembed:
         for arr in (self.norm_weight, self.head, self.norm_bias):
             if arr is not None:
                 h.update(np.ascontiguousarray(arr).data)
-        h.update(f"{self.norm}:{self.eps}:{self.softcap}:{self.scale}".encode())
+        if self.ggml is not None:
+            h.update(self.ggml._digest.encode())
+        h.update(f"{self.norm}:{self.eps}:{self.softcap}:{self.scale}:{self.backend}".encode())
         return h.hexdigest()
 
     def normalize(self, h: np.ndarray) -> np.ndarray:
@@ -77,7 +125,12 @@ class Unembed:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Head (and any logit scale / soft-cap) on already-normed rows."""
-        z = np.asarray(x, dtype=np.float32) @ self.head.T
+        if self.ggml is not None:
+            z = self.ggml.matmul(x)
+            if z.shape[1] != self.n_vocab:
+                z = np.ascontiguousarray(z[:, : self.n_vocab])
+        else:
+            z = np.asarray(x, dtype=np.float32) @ self.head.T
         if self.scale != 1.0:
             z *= np.float32(1.0 / self.scale)  # llama.cpp divides by f_logit_scale
         if self.softcap:

@@ -235,8 +235,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     return cache[key]
 
 
-def read_head(path: str | os.PathLike, info: ModelInfo) -> dict[str, np.ndarray]:
-    """The final norm and output head, dequantized to float32 (vocab, n_embd)."""
+def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> dict[str, np.ndarray]:
+    """The final norm and (unless ``head`` is False) the output head, dequantized to float32 (vocab, n_embd)."""
     reader = open_reader(path)
     tensors = {t.name: t for t in reader.tensors}
 
@@ -247,8 +247,17 @@ def read_head(path: str | os.PathLike, info: ModelInfo) -> dict[str, np.ndarray]
             [int(x) for x in reversed(t.shape.tolist())]
         )
 
-    out = {"norm_weight": load("output_norm.weight").reshape(-1), "head": load(info.head_tensor)}
+    out = {"norm_weight": load("output_norm.weight").reshape(-1)}
+    if head:
+        out["head"] = load(info.head_tensor)[: info.n_vocab]
     if "output_norm.bias" in tensors:
         out["norm_bias"] = load("output_norm.bias").reshape(-1)
-    out["head"] = out["head"][: info.n_vocab]
     return out
+
+
+def read_head_raw(path: str | os.PathLike, info: ModelInfo) -> tuple[np.ndarray, int, int]:
+    """The output head's bytes as stored (quantized), its ggml type and its row count."""
+    reader = open_reader(path)
+    t = next(t for t in reader.tensors if t.name == info.head_tensor)
+    raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
+    return raw, int(t.tensor_type), int(t.shape[-1])

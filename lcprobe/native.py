@@ -92,6 +92,51 @@ def ggml_addresses() -> tuple[int, ...]:
     return tuple(addresses)
 
 
+#: ggml functions the ggml lens backend calls, in the order lens_new expects.
+GGML_LENS_SYMBOLS = (
+    ("base", "ggml_init"),
+    ("base", "ggml_free"),
+    ("base", "ggml_new_tensor_2d"),
+    ("base", "ggml_get_data"),
+    ("base", "ggml_nbytes"),
+    ("base", "ggml_mul_mat"),
+    ("base", "ggml_new_graph"),
+    ("base", "ggml_build_forward_expand"),
+    ("cpu", "ggml_graph_compute_with_ctx"),
+    ("base", "ggml_tensor_overhead"),
+    ("base", "ggml_graph_overhead"),
+    ("base", "ggml_row_size"),
+)
+
+
+def _library(lib_dir: Path, kind: str) -> Path:
+    if kind == "base":
+        return _ggml_base_library(lib_dir)
+    found = sorted(p for p in lib_dir.glob("*ggml-cpu*") if ".so" in p.name or p.suffix in (".dylib", ".dll"))
+    if not found:
+        raise _unsupported(f"no libggml-cpu library in {lib_dir}")
+    return found[0]
+
+
+@functools.lru_cache(maxsize=1)
+def ggml_lens_addresses() -> tuple[int, ...]:
+    """Addresses of :data:`GGML_LENS_SYMBOLS` (CPU backend, present in every build)."""
+    import llama_cpp
+
+    ggml_addresses()  # same checks and warnings as the capture
+    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    libs = {kind: ctypes.CDLL(str(_library(lib_dir, kind))) for kind in ("base", "cpu")}
+    out, missing = [], []
+    for kind, name in GGML_LENS_SYMBOLS:
+        try:
+            out.append(ctypes.cast(getattr(libs[kind], name), ctypes.c_void_p).value or 0)
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        raise _unsupported(f"the ggml lens needs {', '.join(missing)}, which this llama-cpp-python lacks")
+    return tuple(out)
+
+
 def extension():
     """The compiled ``lcprobe._capture`` module, with a useful error if absent."""
     try:

@@ -30,6 +30,7 @@ from .tasks import Item, Task
 class ProbeOptions:
     layers: str | None = None  # e.g. "1:10,20,-1"
     lens: str = "final-norm"
+    lens_backend: str = "numpy"
     site: str = "resid_post"
     limit: int | None = None
     seed: int = 0
@@ -71,7 +72,7 @@ def open_model(path: str | Path, options: ProbeOptions, log_path: str | Path | N
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         set_llama_log(log_path)
-    unembed = Unembed.from_model(info)
+    unembed = Unembed.from_model(info, backend=options.lens_backend, n_threads=options.n_threads)
     engine = Engine(info, options.engine_config())
     return LoadedModel(info, file_sha256(info.path), unembed, engine, time.perf_counter() - t0)
 
@@ -116,6 +117,7 @@ def run_task(
     out = Path(out_dir)
     run_key = {
         "model_sha256": model.sha256, "task": task.name, "task_hash": task.hash(), "lens": options.lens,
+        "lens_backend": options.lens_backend,
         "site": options.site, "layers": layers, "limit": options.limit, "seed": options.seed,
         "n_ctx": options.n_ctx, "n_batch": options.n_batch, "n_items": len(items),
     }
@@ -157,7 +159,8 @@ def run_task(
         "model": str(info.path), "model_name": info.name, "sha256": model.sha256, "architecture": info.arch,
         "quantization": info.file_type, "head_type": info.head_type, "n_layer": info.n_layer,
         "n_embd": info.n_embd, "task": task.name, "task_hash": task.hash(), "task_source": task.source,
-        "fewshot_ids": task.fewshot_ids(), "lens": options.lens, "site": options.site,
+        "fewshot_ids": task.fewshot_ids(), "lens": options.lens, "lens_backend": model.unembed.backend,
+        "site": options.site,
         "unembed_sha256": model.unembed.digest(),
     }
     extra: dict[str, Any] = {

@@ -736,7 +736,15 @@ static PyObject *py_trace(PyObject *self, PyObject *args) {
     return out;
 }
 
+/* native/ggml_lens.c */
+PyObject *lcp_lens_new(PyObject *self, PyObject *args);
+PyObject *lcp_lens_logits(PyObject *self, PyObject *args);
+
 static PyMethodDef lcp_methods[] = {
+    {"lens_new", lcp_lens_new, METH_VARARGS,
+     "lens_new(addresses, head, head_type, n_embd, n_vocab) -> lens (see native/ggml_lens.c)"},
+    {"lens_logits", lcp_lens_logits, METH_VARARGS,
+     "lens_logits(lens, x, out, n_threads): out = x @ head.T with ggml's CPU kernels"},
     {"trace", py_trace, METH_VARARGS, trace_doc},
     {"new", py_new, METH_VARARGS, new_doc},
     {"callback_address", py_callback_address, METH_NOARGS, callback_address_doc},

@@ -92,6 +92,17 @@ def test_check_lens_against_llama_logits(model_fixture, request, capsys):
     assert result["n_tokens"] > 100
 
 
+def test_check_ggml_lens_reproduces_llama_logits(smollm2, capsys):
+    # The ggml backend multiplies the stored Q8_0 head with llama.cpp's own
+    # kernels, so it must match llama.cpp's logits almost exactly.
+    rc = main(["check", "-m", str(smollm2), "-t", "2", "--json", "--lens-backend", "ggml"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert result["lens_backend"] == "ggml"
+    assert result["argmax_agreement"] == 1.0
+    assert result["max_abs_diff"] < 1e-3
+
+
 def test_missing_model_file(tmp_path):
     assert_user_error(run_cli("run", "-m", str(tmp_path / "nope.gguf"), "-T", "calc"), "no such")
 
