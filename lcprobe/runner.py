@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .batching import (
+    GroupBatch,
     Request,
     build_units,
     common_prefix_length,
@@ -95,13 +96,15 @@ def parse_layers(spec: str | None, n_layer: int) -> list[int]:
 
 
 class Prober:
-    def __init__(self, engine: Engine, lens: Lens, layers: Sequence[int], site: str = "resid_post") -> None:
+    def __init__(self, engine: Engine, lens: Lens, layers: Sequence[int], site: str = "resid_post",
+                 overlap: bool = False) -> None:
         if site not in SITES:
             raise LcprobeError(f"unknown site '{site}' (choose from {', '.join(SITES)})")
         self.engine = engine
         self.lens = lens
         self.layers = list(layers)
         self.site = site
+        self.overlap = overlap
         info = engine.info
         self.sites = [Site(info.site_name(site, layer), info.n_embd) for layer in self.layers]
         row_bytes = 4 * info.n_embd * len(self.layers)
@@ -168,15 +171,42 @@ class Prober:
             stats.tokens_decoded += prefix_len
         eng.set_sites(self.sites)
         partial: dict[int, np.ndarray] = {}
+
+        def finish(group, batch, hs) -> list[ItemResult]:
+            results = self._finish_group(group, batch, hs, stats, partial, on_rows)
+            stats.seconds_total = time.perf_counter() - t_start
+            stats.items_done += len(results)
+            if progress:
+                progress(stats)
+            return results
+
+        if not self.overlap:
+            try:
+                for group in todo:
+                    batch, hs = self._decode_group(group, prefix_len, stats)
+                    yield finish(group, batch, hs)
+            finally:
+                eng.clear()
+            return
+        # The lens of group k runs in a worker thread (numpy and the ggml head
+        # release the GIL) while llama.cpp decodes group k+1.
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcprobe-lens")
+        pending = None
         try:
             for group in todo:
-                results = self._run_group(group, prefix_len, stats, partial, on_rows)
-                stats.seconds_total = time.perf_counter() - t_start
-                stats.items_done += len(results)
-                if progress:
-                    progress(stats)
-                yield results
+                batch, hs = self._decode_group(group, prefix_len, stats)
+                if pending is not None:
+                    yield pending.result()
+                pending = pool.submit(finish, group, batch, hs)
+            if pending is not None:
+                result, pending = pending.result(), None
+                yield result
         finally:
+            if pending is not None:
+                pending.cancel()
+            pool.shutdown(wait=True)
             eng.clear()
 
     def _decode_prefix(self, prefix: list[int]) -> None:
@@ -187,8 +217,8 @@ class Prober:
             outputs[-1] = True  # llama.cpp wants at least one output per batch
             eng.decode(chunk, range(start, start + len(chunk)), [[0]] * len(chunk), outputs)
 
-    def _run_group(self, group, prefix_len: int, stats: ProbeStats, partial: dict[int, np.ndarray],
-                   on_rows: Callable[[list[ItemResult], np.ndarray], None] | None = None) -> list[ItemResult]:
+    def _decode_group(self, group, prefix_len: int, stats: ProbeStats) -> tuple[GroupBatch, np.ndarray]:
+        """Decode one group on sequences branching from the prefix; return its rows."""
         eng = self.engine
         batch = layout_group(group, prefix_len)
         t0 = time.perf_counter()
@@ -202,17 +232,22 @@ class Prober:
                 r, _ = eng.decode(batch.tokens[a:b], batch.positions[a:b], batch.seq_ids[a:b], batch.outputs[a:b])
                 rows.append(r)
         finally:
+            # Freed cells are reused from the lowest index, so the next group
+            # lands where it would in a run that started with it (resume).
             for s in batch.seqs:
                 eng.seq_remove(s)
         stats.tokens_decoded += len(batch.tokens)
+        stats.seconds_decode += time.perf_counter() - t0
+        return batch, np.concatenate(rows, axis=1)
+
+    def _finish_group(self, group, batch: GroupBatch, hs: np.ndarray, stats: ProbeStats,
+                      partial: dict[int, np.ndarray],
+                      on_rows: Callable[[list[ItemResult], np.ndarray], None] | None) -> list[ItemResult]:
+        """Lens on a decoded group's rows, then per-choice sums."""
         t1 = time.perf_counter()
-        hs = np.concatenate(rows, axis=1)
         flat = self.lens.token_log_probs(hs, self.layers, batch.row_targets)
         stats.lens_rows += hs.shape[1]
-        t2 = time.perf_counter()
-        stats.seconds_decode += t1 - t0
-        stats.seconds_lens += t2 - t1
-        # Split the flat pair array back per output row.
+        stats.seconds_lens += time.perf_counter() - t1
         sizes = [len(t) for t in batch.row_targets]
         per_row = np.split(flat, np.cumsum(sizes)[:-1], axis=1) if sizes else []
         results = []

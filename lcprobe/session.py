@@ -123,7 +123,9 @@ def run_task(
     }
     writer = RunWriter(out, run_key, resume)
     lens = Lens(model.unembed, info.n_layer, options.lens)
-    prober = Prober(model.engine, lens, layers, options.site)
+    # Overlapping the lens with decoding pays when they use different
+    # hardware (GPU decode, CPU lens); on CPU alone they share the cores.
+    prober = Prober(model.engine, lens, layers, options.site, overlap=options.n_gpu_layers > 0)
     model.engine.set_sites(prober.sites)
     check_sites_exist(model.engine)
     per_item = [metrics.item_metrics(np.asarray(r["logprobs"]), r["correct"], r["n_tokens"], r["n_bytes"])
