@@ -8,6 +8,7 @@ than a failure deep inside the loader.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -120,8 +121,25 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
 
 
 def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
-    """A GGUFReader for ``path``, or a :class:`ModelError` that says what is wrong."""
+    """A GGUFReader for ``path``, or a :class:`ModelError` that says what is wrong.
+
+    Parsing a header walks the whole vocabulary (seconds for a 262k-token
+    vocab), so readers are cached per file version (path, size, mtime); the
+    tensor data stay memory-mapped, not read.
+    """
     p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return _cached_reader(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return _open_reader(p)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    return _open_reader(Path(path))
+
+
+def _open_reader(p: Path) -> gguf.GGUFReader:
     if not p.exists():
         raise ModelError(f"no such model file: {p}")
     if p.is_dir():
