@@ -1,0 +1,416 @@
+"""Memory plan for a model on this machine, from the GGUF header alone.
+
+No weights are read: tensor sizes come from the header's tensor infos (gguf-py
+maps the file but touches no data pages). The plan follows llama.cpp's own
+placement (``src/llama-model.cpp``, ``load_tensors``):
+
+- ``-ngl N`` (N >= 1) puts the *output layer* (``output_norm`` + ``output``)
+  on the GPU first, then the last ``N - 1`` repeating blocks; ``N = n_layer + 1``
+  offloads everything. The input layer (``token_embd``) always stays on the
+  CPU. A tied head (no ``output.weight``) is duplicated onto the GPU when the
+  output layer goes there.
+- The KV cache of a layer lives where the layer runs (``offload_kqv``); lcprobe
+  uses a unified cache with ``swa_full``, so every layer holds ``n_ctx`` cells
+  (padded to 256, as llama.cpp does).
+
+Memory-mapped weights are page cache, not allocations: once touched they show
+in RSS as file-backed pages (RssFile) but the kernel can drop and re-read them.
+They still have to fit in RAM for speed (a model larger than free RAM is
+re-read from disk on every decode), so the plan counts them against RAM.
+On CPU builds with AVX2, llama.cpp repacks Q4_0/Q4_K/IQ4_NL weights into
+anonymous memory (``CPU_REPACK``); the same bytes then count as allocations.
+
+Compute buffer (llama.cpp's graph allocator reuses memory, so the largest of
+the phases counts, not their sum)::
+
+    compute = 4 * n_ubatch * (8 * n_embd)                      # residual, norms, q/k/v, attention out
+            + max(4 * n_ubatch * n_vocab,                       # logits (output layer)
+                  4 * n_ubatch * 2 * n_ff,                      # FFN gate + up
+                  attention)
+    attention = 2 * n_ubatch * n_ctx                            # f16 mask, flash attention
+              | 4 * n_ubatch * n_ctx * (n_head + 1)             # f32 KQ + mask, without
+
+This is at most 7% above (never below) the sizes llama.cpp logs (``compute buffer size``)
+on SmolLM2-135M and on synthetic LLaMA models (n_ctx 2048-32768, n_ubatch
+64-512, flash attention on and off).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import LcprobeError
+from .modelfile import ModelInfo, open_reader, read_model_info
+
+GB = 1e9
+MIB = 1 << 20
+
+# Python, numpy and llama.cpp's libraries before any model is loaded
+# (measured: 193 MB RSS on Linux x86-64 with llama-cpp-python 0.3.36).
+RUNTIME_BYTES = 200 * MIB
+
+# Dequantizing the head (gguf-py) holds temporaries besides the float32 result:
+# measured +255 MB peak for SmolLM2's 113 MB head (Q8_0 -> float32).
+HEAD_LOAD_FACTOR = 2.25
+
+# Captured rows exist about four times at once: the extension's buffer, the
+# array returned per decode, the group's concatenation and the lens' normed stack.
+CAPTURE_COPIES = 4
+
+# Above this share of RAM the float32 head is worth storing as float16.
+LENS_F16_SHARE = 0.10
+
+# Apple GPUs may wire about this share of unified memory by default
+# (recommendedMaxWorkingSetSize; raise it with sysctl iogpu.wired_limit_mb).
+METAL_WORKING_SET = 0.75
+
+_KV_BYTES = {"f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs from a GGUF header."""
+
+    path: Path
+    name: str
+    arch: str
+    file_type: str
+    file_bytes: int
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ff: int
+    n_head: int
+    kv_widths: tuple[int, ...]  # per layer: n_head_kv * (key_length + value_length)
+    layer_bytes: tuple[int, ...]  # per layer: sum of blk.N.* tensor bytes
+    input_bytes: int  # token_embd and anything not in a block or the output layer
+    output_bytes: int  # output_norm (+ output.weight when the head is not tied)
+    head_copy_bytes: int  # a tied head: token_embd's copy on the GPU when the output layer goes there
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _per_layer(value, n_layer: int, what: str) -> list[int]:
+    if value is None:
+        raise LcprobeError(f"the GGUF header has no {what}")
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_layer:
+            raise LcprobeError(f"{what} lists {len(value)} values for {n_layer} layers")
+        return [int(v) for v in value]
+    return [int(value)] * n_layer
+
+
+def read_shape(info_or_path: ModelInfo | str | os.PathLike) -> Shape:
+    """Sizes and hyperparameters from the header (no tensor data is read)."""
+    info = info_or_path if isinstance(info_or_path, ModelInfo) else read_model_info(info_or_path)
+    reader = open_reader(info.path)
+    arch, n_layer = info.arch, info.n_layer
+    n_head = _per_layer(_field(reader, f"{arch}.attention.head_count"), n_layer, "attention.head_count")
+    n_head_kv_raw = _field(reader, f"{arch}.attention.head_count_kv")
+    n_head_kv = _per_layer(n_head_kv_raw, n_layer, "attention.head_count_kv") if n_head_kv_raw is not None else n_head
+    head_dim = info.n_embd // max(n_head)
+    k_len = int(_field(reader, f"{arch}.attention.key_length", head_dim) or head_dim)
+    v_len = int(_field(reader, f"{arch}.attention.value_length", head_dim) or head_dim)
+    n_ff = max(_per_layer(_field(reader, f"{arch}.feed_forward_length", 4 * info.n_embd), n_layer,
+                          "feed_forward_length"))
+    layer_bytes = [0] * n_layer
+    input_bytes = output_bytes = 0
+    block = re.compile(r"blk\.(\d+)\.")
+    names = set()
+    for t in reader.tensors:
+        names.add(t.name)
+        nb = int(t.n_bytes)
+        m = block.match(t.name)
+        if m and int(m.group(1)) < n_layer:
+            layer_bytes[int(m.group(1))] += nb
+        elif t.name.startswith("output"):
+            output_bytes += nb
+        else:
+            input_bytes += nb
+    # llama.cpp duplicates token_embd as the head onto the output layer's device
+    # when that is not the CPU (TENSOR_DUPLICATED)
+    head_copy = 0 if "output.weight" in names else next(
+        int(t.n_bytes) for t in reader.tensors if t.name == "token_embd.weight")
+    return Shape(
+        path=info.path, name=info.name, arch=arch, file_type=info.file_type, file_bytes=info.size_bytes,
+        n_layer=n_layer, n_embd=info.n_embd, n_vocab=info.n_vocab, n_ff=n_ff, n_head=max(n_head),
+        kv_widths=tuple(h * (k_len + v_len) for h in n_head_kv), layer_bytes=tuple(layer_bytes),
+        input_bytes=input_bytes, output_bytes=output_bytes, head_copy_bytes=head_copy,
+    )
+
+
+# -- this machine ---------------------------------------------------------------
+
+def machine_ram() -> tuple[int, int]:
+    """(total, available) RAM in bytes; available is MemAvailable on Linux."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = total
+    try:
+        text = Path("/proc/meminfo").read_text()
+        m = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
+        if m:
+            available = int(m.group(1)) * 1024
+    except OSError:
+        pass  # macOS: no /proc; the whole RAM is the budget
+    return total, available
+
+
+def machine_vram() -> tuple[int, str] | None:
+    """(bytes, description) of GPU memory: free memory of NVIDIA GPUs (summed), or
+    the Metal working set of Apple silicon's unified memory; None without a GPU."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        gpus = [line.rsplit(",", 2) for line in out.strip().splitlines() if line.count(",") >= 2]
+        if gpus:
+            free = sum(int(float(g[2])) for g in gpus) * MIB
+            names = ", ".join(f"{g[0].strip()} ({int(float(g[1])) / 1024:.0f} GiB)" for g in gpus)
+            return free, f"nvidia-smi: {names}, free memory"
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = 0
+        try:
+            limit = int(subprocess.run(["sysctl", "-n", "iogpu.wired_limit_mb"], capture_output=True,
+                                       text=True, timeout=5).stdout.strip() or 0) * MIB
+        except (OSError, ValueError, subprocess.SubprocessError):
+            pass
+        return (limit or int(total * METAL_WORKING_SET)), "Metal working set of unified memory"
+    return None
+
+
+# -- the plan -------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Bytes per component and device, the verdict, and why."""
+
+    model: str
+    arch: str
+    file_type: str
+    file_bytes: int
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_gpu_layers: int  # as requested (-ngl)
+    gpu_layers: int  # repeating blocks on the GPU
+    output_on_gpu: bool
+    n_ctx: int  # as llama.cpp pads it
+    n_batch: int
+    n_ubatch: int
+    kv_type: str
+    flash_attn: bool
+    weights_cpu: int
+    weights_gpu: int
+    kv_cpu: int
+    kv_gpu: int
+    compute_cpu: int
+    compute_gpu: int
+    output_buffer: int  # llama.cpp's host logits buffer
+    lens_head: int  # the head in float32
+    lens_scratch: int  # one chunk of logits
+    lens_load_peak: int  # while the head is dequantized
+    capture: int
+    runtime: int
+    ram_need: int
+    vram_need: int
+    ram_bytes: int | None
+    vram_bytes: int | None
+    unified: bool
+    fits: bool
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    max_gpu_layers: int | None = None  # largest -ngl that fits (None: nothing fits)
+    ram_source: str = ""
+    vram_source: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def refusal(self) -> str:
+        """One paragraph for ``lcprobe run`` to raise when the plan does not fit."""
+        fix = ""
+        if self.max_gpu_layers is not None and self.max_gpu_layers != self.n_gpu_layers:
+            fix = f"; -ngl {self.max_gpu_layers} fits"
+        return f"{self.model} does not fit: " + "; ".join(self.reasons) + fix + " (details: lcprobe plan)"
+
+
+def _kv_bytes(shape: Shape, layers: range, n_ctx: int, kv_type: str) -> int:
+    per = _KV_BYTES.get(kv_type)
+    if per is None:
+        raise LcprobeError(f"unknown KV cache type '{kv_type}' ({', '.join(_KV_BYTES)})")
+    return int(n_ctx * sum(shape.kv_widths[i] for i in layers) * per)
+
+
+def _compute_parts(shape: Shape, n_ctx: int, n_ubatch: int, flash_attn: bool) -> tuple[int, int, int, int]:
+    """(base, logits, ffn, attention) bytes of one ubatch's graph."""
+    base = 4 * n_ubatch * 8 * shape.n_embd
+    logits = 4 * n_ubatch * shape.n_vocab
+    ffn = 4 * n_ubatch * 2 * shape.n_ff
+    attn = 2 * n_ubatch * n_ctx if flash_attn else 4 * n_ubatch * n_ctx * (shape.n_head + 1)
+    return base, logits, ffn, attn
+
+
+def _layout(shape: Shape, ngl: int, n_ctx: int, n_ubatch: int, kv_type: str, flash_attn: bool,
+            has_gpu: bool) -> dict[str, int | bool]:
+    """Where weights, KV cache and compute buffers go for -ngl ``ngl``."""
+    n = shape.n_layer
+    ngl = max(0, min(ngl, n + 1)) if has_gpu else 0
+    output_on_gpu = ngl >= 1
+    gpu_layers = max(0, ngl - 1)
+    first_gpu = n - gpu_layers
+    cpu_range, gpu_range = range(0, first_gpu), range(first_gpu, n)
+    output = shape.output_bytes + shape.head_copy_bytes
+    weights_gpu = sum(shape.layer_bytes[i] for i in gpu_range) + (output if output_on_gpu else 0)
+    weights_cpu = sum(shape.layer_bytes[i] for i in cpu_range) + shape.input_bytes + (
+        0 if output_on_gpu else shape.output_bytes)
+    base, logits, ffn, attn = _compute_parts(shape, n_ctx, n_ubatch, flash_attn)
+    full = base + max(logits, ffn, attn)
+    if output_on_gpu:
+        compute_gpu = full
+        # the CPU still runs the input layer and any blocks left on it
+        compute_cpu = base + (max(ffn, attn) if len(cpu_range) else 0)
+    else:
+        compute_gpu, compute_cpu = 0, full
+    return {
+        "gpu_layers": gpu_layers, "output_on_gpu": output_on_gpu,
+        "weights_cpu": weights_cpu, "weights_gpu": weights_gpu,
+        "kv_cpu": _kv_bytes(shape, cpu_range, n_ctx, kv_type), "kv_gpu": _kv_bytes(shape, gpu_range, n_ctx, kv_type),
+        "compute_cpu": compute_cpu, "compute_gpu": compute_gpu,
+    }
+
+
+def _host_parts(shape: Shape, n_batch: int, n_probe: int) -> dict[str, int]:
+    """lcprobe's own memory, whatever the offload: output buffer, lens, capture."""
+    from .lens import DEFAULT_BUDGET
+    from .runner import ROW_BUDGET_BYTES
+
+    head = 4 * shape.n_vocab * shape.n_embd
+    row_bytes = 4 * shape.n_embd * n_probe
+    rows = min(n_batch, max(64, ROW_BUDGET_BYTES // row_bytes))
+    return {
+        "output_buffer": 4 * shape.n_vocab * n_batch,
+        "lens_head": head,
+        "lens_scratch": min(DEFAULT_BUDGET, 4 * shape.n_vocab * rows * n_probe),
+        "lens_load_peak": int(HEAD_LOAD_FACTOR * head),
+        "capture": CAPTURE_COPIES * rows * row_bytes,
+        "runtime": RUNTIME_BYTES,
+    }
+
+
+def _needs(lay: dict, host: dict, unified: bool) -> tuple[int, int]:
+    gpu = int(lay["weights_gpu"] + lay["kv_gpu"] + lay["compute_gpu"])
+    running = (lay["weights_cpu"] + lay["kv_cpu"] + lay["compute_cpu"] + host["output_buffer"]
+               + host["lens_head"] + host["lens_scratch"] + host["capture"] + host["runtime"])
+    # lcprobe dequantizes the head before llama.cpp loads the model
+    ram = int(max(running, host["lens_load_peak"] + host["runtime"]))
+    if unified:
+        ram += gpu
+    return ram, gpu
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    if abs(n) >= GB:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1e6:.0f} MB"
+
+
+def make_plan(
+    info_or_path: ModelInfo | str | os.PathLike,
+    n_gpu_layers: int = 0,
+    n_ctx: int = 2048,
+    n_batch: int = 512,
+    ram_bytes: int | None = None,
+    vram_bytes: int | None = None,
+    *,
+    n_ubatch: int | None = None,
+    kv_type: str = "f16",
+    flash_attn: str = "auto",
+    n_layers_probed: int | None = None,
+    unified: bool | None = None,
+) -> Plan:
+    """The memory plan for running lcprobe on this model with these settings.
+
+    ``ram_bytes`` / ``vram_bytes`` default to this machine (MemAvailable;
+    free NVIDIA memory or the Metal working set); ``vram_bytes=0`` means no GPU.
+    ``unified`` (Apple silicon; default: detected) counts GPU bytes against RAM
+    too. ``flash_attn`` "auto" is planned as on (what llama.cpp picks on CPU,
+    CUDA and Metal). ``n_layers_probed`` (default all) sizes the capture.
+    """
+    shape = read_shape(info_or_path)
+    ram_source = vram_source = "given"
+    if ram_bytes is None:
+        total, ram_bytes = machine_ram()
+        ram_source = f"MemAvailable of {fmt_bytes(total)}"
+    if unified is None:
+        unified = platform.system() == "Darwin" and platform.machine() == "arm64"
+    if vram_bytes is None:
+        detected = machine_vram()
+        vram_bytes, vram_source = (detected if detected else (0, "no GPU found"))
+    has_gpu = vram_bytes > 0
+    n_ctx_padded = -(-int(n_ctx) // 256) * 256
+    n_ubatch = min(int(n_ubatch or n_batch), int(n_batch))
+    fa = flash_attn != "off"
+    n_probe = int(n_layers_probed or shape.n_layer)
+    host = _host_parts(shape, int(n_batch), n_probe)
+
+    def verdict(ngl: int) -> tuple[dict, int, int, bool]:
+        lay = _layout(shape, ngl, n_ctx_padded, n_ubatch, kv_type, fa, has_gpu)
+        ram, gpu = _needs(lay, host, unified)
+        return lay, ram, gpu, ram <= ram_bytes and gpu <= vram_bytes
+
+    lay, ram_need, vram_need, fits = verdict(n_gpu_layers)
+    fitting = [k for k in range(shape.n_layer + 2 if has_gpu else 1) if verdict(k)[3]]
+    max_ngl = max(fitting) if fitting else None
+
+    reasons, notes = [], []
+    if ram_need > ram_bytes:
+        what = "unified memory" if unified else "RAM"
+        reasons.append(f"needs {fmt_bytes(ram_need)} of {what}, {fmt_bytes(ram_bytes)} available "
+                       f"(weights on CPU {fmt_bytes(lay['weights_cpu'])}, KV cache {fmt_bytes(lay['kv_cpu'])}, "
+                       f"lens head {fmt_bytes(host['lens_head'])})")
+    if vram_need > vram_bytes:
+        reasons.append(f"needs {fmt_bytes(vram_need)} of GPU memory for -ngl {n_gpu_layers}, "
+                       f"{fmt_bytes(vram_bytes)} available")
+    if n_gpu_layers > 0 and not has_gpu:
+        notes.append("no GPU: -ngl has no effect, everything runs on the CPU")
+    if n_gpu_layers > shape.n_layer + 1:
+        notes.append(f"-ngl {n_gpu_layers} offloads everything ({shape.n_layer} blocks + the output layer)")
+    if host["lens_head"] > LENS_F16_SHARE * ram_bytes:
+        notes.append(f"the lens head in float32 ({fmt_bytes(host['lens_head'])}) is over "
+                     f"{LENS_F16_SHARE:.0%} of RAM: store it as float16 (half) and compute in float32 chunks")
+    notes.append("weights are memory-mapped: page cache (RssFile once touched, dropped and re-read under "
+                 "pressure), counted against RAM because a model larger than free RAM is re-read every decode")
+    return Plan(
+        model=shape.name, arch=shape.arch, file_type=shape.file_type, file_bytes=shape.file_bytes,
+        n_layer=shape.n_layer, n_embd=shape.n_embd, n_vocab=shape.n_vocab,
+        n_gpu_layers=int(n_gpu_layers), gpu_layers=int(lay["gpu_layers"]), output_on_gpu=bool(lay["output_on_gpu"]),
+        n_ctx=n_ctx_padded, n_batch=int(n_batch), n_ubatch=n_ubatch, kv_type=kv_type, flash_attn=fa,
+        weights_cpu=int(lay["weights_cpu"]), weights_gpu=int(lay["weights_gpu"]),
+        kv_cpu=int(lay["kv_cpu"]), kv_gpu=int(lay["kv_gpu"]),
+        compute_cpu=int(lay["compute_cpu"]), compute_gpu=int(lay["compute_gpu"]),
+        ram_need=ram_need, vram_need=vram_need, ram_bytes=int(ram_bytes), vram_bytes=int(vram_bytes),
+        unified=bool(unified), fits=fits, reasons=reasons, notes=notes, max_gpu_layers=max_ngl,
+        ram_source=ram_source, vram_source=vram_source, **host,
+    )
+
+
+def check_fits(plan: Plan) -> None:
+    """Raise :class:`LcprobeError` with the plan's numbers when it does not fit."""
+    if not plan.fits:
+        raise LcprobeError(plan.refusal())
