@@ -139,13 +139,29 @@ def build_unit(request: Request, choices: Sequence[int], prefix_len: int) -> Uni
     return unit
 
 
-def build_units(requests: Sequence[Request], prefix_len: int, max_choices: int) -> list[Unit]:
-    """Tries for all requests; items with more choices than sequences are split."""
+def build_units(requests: Sequence[Request], prefix_len: int, max_choices: int,
+                max_nodes: int | None = None) -> list[Unit]:
+    """Tries for all requests.
+
+    An item's choices are split over several units when they need more
+    sequences than ``max_choices`` or more KV cells than ``max_nodes`` (the
+    context left after the prefix); each unit re-decodes the item's context.
+    """
     units = []
     for r in requests:
-        idx = list(range(len(r.continuations)))
-        for k in range(0, len(idx), max_choices):
-            units.append(build_unit(r, idx[k : k + max_choices], prefix_len))
+        current: list[int] = []
+        built: Unit | None = None
+        for c in range(len(r.continuations)):
+            trial = build_unit(r, current + [c], prefix_len)
+            too_big = max_nodes is not None and trial.n_nodes > max_nodes
+            if current and (len(current) >= max_choices or too_big):
+                units.append(built)
+                current, trial = [c], build_unit(r, [c], prefix_len)
+            else:
+                current.append(c)
+            built = trial
+        if built is not None:
+            units.append(built)
     return units
 
 

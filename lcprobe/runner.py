@@ -152,7 +152,7 @@ class Prober:
         eng = self.engine
         prefix_len = common_prefix_length(requests)
         prefix = list(requests[0].context[:prefix_len])
-        units = build_units(requests, prefix_len, eng.n_seq_max - 1)
+        units = build_units(requests, prefix_len, eng.n_seq_max - 1, eng.n_ctx - prefix_len)
         groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, eng.n_seq_max - 1, self.max_rows)
         stats.prefix_tokens = prefix_len
         stats.tokens_unique = prefix_len + sum(u.n_nodes for u in units)

@@ -134,3 +134,17 @@ def test_bos_follows_the_model(smol_setup, gemma3):
     assert eng.tokenize("hi")[0] != 1  # SmolLM2 adds no BOS
     info = read_model_info(gemma3)
     assert info.add_bos is True
+
+
+def test_choices_split_when_the_trie_does_not_fit():
+    from lcprobe.batching import Request, build_units
+
+    item = Item(id="x", context="c", choices=("a", "b", "c"), correct=(0,), meta={})
+    req = Request(0, item, (1, 2, 3, 4), ((10, 11, 12), (20, 21, 22), (30, 31, 32)))
+    # prefix 2: each choice alone needs 2 + 3 = 5 cells; two need 8
+    units = build_units([req], 2, max_choices=63, max_nodes=6)
+    assert [u.choices for u in units] == [(0,), (1,), (2,)]
+    assert all(u.n_nodes <= 6 for u in units)
+    units = build_units([req], 2, max_choices=2, max_nodes=100)
+    assert [u.choices for u in units] == [(0, 1), (2,)]
+    assert [u.choices for u in build_units([req], 2, 63, None)] == [(0, 1, 2)]
