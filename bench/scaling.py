@@ -207,11 +207,14 @@ def measure(path: Path, s: Shape, items, task, threads: int, repeat: int, tmp: P
         groups = group_units(units, k, eng.n_ctx, eng.n_batch, eng.n_seq_max - 1, prober.max_rows)
         batches = [layout_group(g, k) for g in groups]
         prefix = list(reqs[0].context[:k])
-        floor, cap, kept = [], [], None
+        floor, cap, floor_c, cap_c, kept = [], [], [], [], None
         for _ in range(repeat):
-            floor.append(decode_batches(eng, prefix, batches, [])[0])
-            sec, rows = decode_batches(eng, prefix, batches, prober.sites, keep=kept is None)
+            sec, cpu, _ = decode_batches(eng, prefix, batches, [])
+            floor.append(sec)
+            floor_c.append(cpu)
+            sec, cpu, rows = decode_batches(eng, prefix, batches, prober.sites, keep=kept is None)
             cap.append(sec)
+            cap_c.append(cpu)
             kept = kept or rows
         lb = lens_vs_matmul(lens, layers, kept, batches, repeat)
     finally:
@@ -227,6 +230,8 @@ def measure(path: Path, s: Shape, items, task, threads: int, repeat: int, tmp: P
         "lens_share": st.seconds_lens / min(times),
         "tokens_per_item": item_tokens, "prefix_tokens": st.prefix_tokens, "rows_per_item": st.lens_rows / n,
         "floor_seconds": floor, "capture_seconds": cap, "capture_overhead": (min(cap) - floor_s) / floor_s,
+        "floor_cpu": floor_c, "capture_cpu": cap_c,
+        "capture_overhead_cpu": (min(cap_c) - min(floor_c)) / min(floor_c),
         # block matmuls of every decoded token (prefix included) over the plain decode's time
         "decode_gflops": 2 * s.block_params * st.tokens_decoded / floor_s / 1e9,
         "lens_gflops": lb["gflops_lens"], "matmul_gflops": lb["gflops_matmul"],
@@ -314,14 +319,15 @@ def main(argv: list[str] | None = None) -> int:
           f"load avg {load0[0]:.1f} -> {load1[0]:.1f}")
     print()
     print("| shape | type | params | L | d | V | file | tokens/item | rows/item | s/item | decode s/item | "
-          "lens s/item | lens share | capture overhead | decode GFLOP/s | lens GFLOP/s (numpy peak) |")
+          "lens s/item | lens share | capture overhead (CPU time) | decode GFLOP/s | lens GFLOP/s (numpy peak) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         s = r["shape"]
         print(f"| {s['name']} | {r['qtype']} | {r['params'] / 1e6:,.0f}M | {s['n_layer']} | {s['n_embd']} | "
               f"{s['n_vocab']} | {r['file_bytes'] / 1e9:.2f} GB | {r['tokens_per_item']:.1f} | "
               f"{r['rows_per_item']:.1f} | {r['seconds_per_item']:.3f} | {r['decode_per_item']:.3f} | "
-              f"{r['lens_per_item']:.3f} | {r['lens_share']:.0%} | {r['capture_overhead']:+.1%} | "
+              f"{r['lens_per_item']:.3f} | {r['lens_share']:.0%} | {r['capture_overhead']:+.1%} "
+              f"({r['capture_overhead_cpu']:+.1%}) | "
               f"{r['decode_gflops']:.1f} | {r['lens_gflops']:.1f} ({r['matmul_gflops']:.1f}) |")
     ext = extrapolate(results)
     print()
