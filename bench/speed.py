@@ -208,6 +208,9 @@ def lens_vs_matmul(lens, layers, groups_rows, batches, repeat: int) -> dict:
     import numpy as np
 
     head = lens.unembed.head
+    if head is None:  # the ggml backend keeps the head quantized: time BLAS on a float32 one of the same shape
+        V, d = lens.unembed.n_vocab, groups_rows[0].shape[-1]
+        head = np.random.default_rng(0).standard_normal((V, d), dtype=np.float32)
     V, d = head.shape
     step = lens._chunk_rows()
     n_rows = sum(h.shape[0] * h.shape[1] for h in groups_rows)
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-t", "--threads", type=int, default=2)
     p.add_argument("-c", "--ctx-size", type=int, default=2048)
     p.add_argument("-b", "--batch-size", type=int, default=512)
+    p.add_argument("--lens-backend", choices=("numpy", "ggml"), default="numpy",
+                   help="lcprobe's lens backend for (a) and (b) (default numpy)")
     p.add_argument("--repeat", type=int, default=3, help="repeats of (a), (c) and the lens timing (min is kept)")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--hf-python", default=None, help="a Python with torch + transformers for column (d)")
@@ -291,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     items = task.items(limit=args.limit, seed=args.seed)
     n = len(items)
     options = ProbeOptions(limit=args.limit, seed=args.seed, n_ctx=args.ctx_size, n_batch=args.batch_size,
-                           n_threads=args.threads)
+                           n_threads=args.threads, lens_backend=args.lens_backend)
     tmp = Path(tempfile.mkdtemp(prefix="lcprobe-bench-"))
     set_llama_log(tmp / "llama.log")
     rss0 = current_rss()
-    print(f"bench: {task.name}, {n} items, {path.name}, {args.threads} threads, repeat {args.repeat}", flush=True)
+    print(f"bench: {task.name}, {n} items, {path.name}, {args.threads} threads, repeat {args.repeat}, "
+          f"{args.lens_backend} lens", flush=True)
 
     # (a) lcprobe end to end
     t0 = time.perf_counter()
@@ -407,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                      round(paper["tokens_decoded"] * n / k), None, None, None))
     print()
     print(f"{task.name}, {n} items x {len(items[0].choices)} choices, {info.name} ({info.file_type}), "
-          f"{args.threads} threads, {dt.date.today()}, {cpu_name()}, load avg {load_start[0]:.1f} -> {load_end[0]:.1f}")
+          f"{args.threads} threads, {args.lens_backend} lens, {dt.date.today()}, {cpu_name()}, "
+          f"load avg {load_start[0]:.1f} -> {load_end[0]:.1f}")
     print()
     print("| method | s/question | lcprobe faster by | CPU s/question | by CPU time | tokens decoded | lens rows "
           "| decode s | lens s |")
@@ -481,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"path": str(path), "name": info.name, "file_type": info.file_type, "size_bytes": info.size_bytes,
                   "n_layer": info.n_layer, "n_embd": info.n_embd, "n_vocab": info.n_vocab},
         "task": task.name, "n_items": n, "threads": args.threads, "repeat": args.repeat,
+        "lens_backend": args.lens_backend,
         "seconds_load": seconds_load,
         "lcprobe": {"seconds_per_question": lc_q, "cpu_per_question": lc_c, "runs": a_times, "runs_cpu": a_cpu, "tokens_decoded": stats.tokens_decoded,
                     "tokens_unique": tokens_unique, "prefix_tokens": prefix_len, "lens_rows": stats.lens_rows,

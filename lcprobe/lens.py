@@ -24,7 +24,7 @@ from .modelfile import ModelInfo, read_head, read_head_raw
 LENS_MODES = ("final-norm", "raw")
 LENS_BACKENDS = ("numpy", "ggml")
 
-DEFAULT_BUDGET = 256 << 20
+DEFAULT_BUDGET = 32 << 20
 
 
 class GgmlHead:
@@ -158,7 +158,8 @@ class Lens:
         return self.unembed.normalize(h)
 
     def _chunk_rows(self) -> int:
-        return max(1, self.budget_bytes // (4 * self.unembed.n_vocab))
+        # at least 64 rows: below that BLAS loses efficiency faster than memory is saved
+        return max(64, self.budget_bytes // (4 * self.unembed.n_vocab))
 
     def log_probs(self, h: np.ndarray, layer: int) -> np.ndarray:
         """Full log-softmax rows ``(n, vocab)``; the caller bounds ``n``."""
@@ -193,6 +194,7 @@ class Lens:
             dest = np.repeat(li, n_pick) * len(tok) + pair
             picked = z[local, tok[pair]]
             out[dest] = picked - _logsumexp(z, scratch=True)[local]
+            del z  # else the next chunk's logits are allocated while these are alive: 2x the budget
         return out.reshape(n_layers, len(tok))
 
 

@@ -134,6 +134,12 @@ def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
     return _open_reader(p)
 
 
+def forget_readers() -> None:
+    """Drop cached readers: gguf-py keeps a numpy object per vocabulary entry
+    (~150 MB for a 49k vocabulary), which a long run must not carry."""
+    _cached_reader.cache_clear()
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
     return _open_reader(Path(path))
@@ -253,6 +259,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return cache[key]
 
 
+_DEQUANT_ROWS = 4096
+
+
 def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> dict[str, np.ndarray]:
     """The final norm and (unless ``head`` is False) the output head, dequantized to float32 (vocab, n_embd)."""
     reader = open_reader(path)
@@ -260,10 +269,18 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
 
     def load(name: str) -> np.ndarray:
         t = tensors[name]
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        return np.ascontiguousarray(arr, dtype=np.float32).reshape(
-            [int(x) for x in reversed(t.shape.tolist())]
-        )
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        data = t.data.reshape(shape[0], -1) if len(shape) == 2 else t.data
+        if len(shape) != 2:
+            # a copy: an F32 tensor comes back as a view that would keep the whole file mapped
+            return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+        # Row blocks into one float32 array: dequantizing a whole head at once
+        # makes several head-sized temporaries, which set the run's peak RSS.
+        out = np.empty(shape, np.float32)
+        for r0 in range(0, shape[0], _DEQUANT_ROWS):
+            r1 = min(shape[0], r0 + _DEQUANT_ROWS)
+            out[r0:r1] = gguf.quants.dequantize(data[r0:r1], t.tensor_type)
+        return out
 
     out = {"norm_weight": load("output_norm.weight").reshape(-1)}
     if head:

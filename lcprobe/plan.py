@@ -51,13 +51,20 @@ from .modelfile import ModelInfo, open_reader, read_model_info
 GB = 1e9
 MIB = 1 << 20
 
-# Python, numpy and llama.cpp's libraries before any model is loaded
-# (measured: 193 MB RSS on Linux x86-64 with llama-cpp-python 0.3.36).
-RUNTIME_BYTES = 200 * MIB
+# Python, numpy, gguf and llama-cpp-python imported, before llama.cpp's
+# libraries load a model (measured: 49 MB RSS on Linux x86-64 with
+# llama-cpp-python 0.3.36; scipy is imported only where a test needs it).
+RUNTIME_BYTES = 100 * MIB
 
-# Dequantizing the head (gguf-py) holds temporaries besides the float32 result:
-# measured +255 MB peak for SmolLM2's 113 MB head (Q8_0 -> float32).
-HEAD_LOAD_FACTOR = 2.25
+# The head is dequantized in row blocks into its float32 array, so loading it
+# costs the array plus the file pages read (measured 153 MB for SmolLM2's
+# 113 MB head: 1.35x).
+HEAD_LOAD_FACTOR = 1.35
+
+# gguf-py's reader holds numpy objects per vocabulary entry while the header is
+# parsed (measured 157 MB for SmolLM2's 49152 tokens); lcprobe drops it once
+# the head is loaded.
+READER_BYTES_PER_TOKEN = 3300
 
 # Captured rows exist about four times at once: the extension's buffer, the
 # array returned per decode, the group's concatenation and the lens' normed stack.
@@ -304,8 +311,8 @@ def _host_parts(shape: Shape, n_batch: int, n_probe: int) -> dict[str, int]:
     return {
         "output_buffer": 4 * shape.n_vocab * n_batch,
         "lens_head": head,
-        "lens_scratch": min(DEFAULT_BUDGET, 4 * shape.n_vocab * rows * n_probe),
-        "lens_load_peak": int(HEAD_LOAD_FACTOR * head),
+        "lens_scratch": min(max(DEFAULT_BUDGET, 4 * shape.n_vocab * 64), 4 * shape.n_vocab * rows * n_probe),
+        "lens_load_peak": int(HEAD_LOAD_FACTOR * head + READER_BYTES_PER_TOKEN * shape.n_vocab),
         "capture": CAPTURE_COPIES * rows * row_bytes,
         "runtime": RUNTIME_BYTES,
     }

@@ -20,7 +20,7 @@ from . import __version__, metrics
 from .engine import Engine, EngineConfig, check_sites_exist, llama_cpp_version, set_llama_log
 from .errors import LcprobeError
 from .lens import Lens, Unembed
-from .modelfile import ModelInfo, file_sha256, read_model_info
+from .modelfile import ModelInfo, file_sha256, forget_readers, read_model_info
 from .results import RunWriter, breakdown, item_line, read_items, write_summary
 from .runner import ItemResult, ProbeStats, Prober, parse_layers
 from .tasks import Item, Task
@@ -73,8 +73,10 @@ def open_model(path: str | Path, options: ProbeOptions, log_path: str | Path | N
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         set_llama_log(log_path)
     unembed = Unembed.from_model(info, backend=options.lens_backend, n_threads=options.n_threads)
+    sha = file_sha256(info.path)
+    forget_readers()
     engine = Engine(info, options.engine_config())
-    return LoadedModel(info, file_sha256(info.path), unembed, engine, time.perf_counter() - t0)
+    return LoadedModel(info, sha, unembed, engine, time.perf_counter() - t0)
 
 
 @dataclass
