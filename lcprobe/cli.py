@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -72,6 +73,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="numpy: float32 product with the dequantized head (default; what transformers "
                         "would compute on the dequantized GGUF); ggml: the stored (quantized) head through "
                         "ggml's CPU kernels, exactly llama.cpp's own logits")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false",
+                   help="load even when 'lcprobe plan' says the model does not fit this machine's RAM/GPU "
+                        "memory (by default such a run is refused before loading, with the plan's numbers)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,12 +169,14 @@ def probe_options(args: argparse.Namespace) -> "ProbeOptions":
         seed=getattr(args, "seed", 0), n_ctx=args.ctx_size, n_batch=args.batch_size,
         n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
         lens_backend=getattr(args, "lens_backend", "numpy"),
+        memory_check=getattr(args, "memory_check", True),
     )
 
 
-def resume_hint() -> str:
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    return " ".join(["lcprobe"] + argv + ["--resume"])
+def resume_hint(args: argparse.Namespace) -> str:
+    """The command that continues this run: the arguments given to main, plus --resume."""
+    argv = [a for a in getattr(args, "argv", sys.argv[1:]) if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in ["lcprobe", *argv, "--resume"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -201,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.interrupted:
         console.print(f"[yellow]interrupted[/]: {summary['n_items']} of {outcome.stats.items_total} "
                       f"items saved in {out_dir}")
-        print(f"resume with: {resume_hint()}", file=sys.stderr)
+        print(f"resume with: {resume_hint(args)}", file=sys.stderr)
         return 130
     if outcome.stats.items_skipped:
         console.print(f"[yellow]{outcome.stats.items_skipped} items skipped: prompt longer than the "
@@ -355,6 +361,7 @@ COMMANDS = {"run": cmd_run, "check": cmd_check, "models": cmd_models, "tasks": c
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not args.command:
         parser.print_help()
         return 2

@@ -300,12 +300,16 @@ def _layout(shape: Shape, ngl: int, n_ctx: int, n_ubatch: int, kv_type: str, fla
     }
 
 
-def _host_parts(shape: Shape, n_batch: int, n_probe: int) -> dict[str, int]:
-    """lcprobe's own memory, whatever the offload: output buffer, lens, capture."""
+def _host_parts(shape: Shape, n_batch: int, n_probe: int, lens_backend: str = "numpy") -> dict[str, int]:
+    """lcprobe's own memory, whatever the offload: output buffer, lens, capture.
+
+    The ggml lens backend multiplies with the head as stored in the
+    memory-mapped file: no float32 copy.
+    """
     from .lens import DEFAULT_BUDGET
     from .runner import ROW_BUDGET_BYTES
 
-    head = 4 * shape.n_vocab * shape.n_embd
+    head = 4 * shape.n_vocab * shape.n_embd if lens_backend == "numpy" else 0
     row_bytes = 4 * shape.n_embd * n_probe
     rows = min(n_batch, max(64, ROW_BUDGET_BYTES // row_bytes))
     return {
@@ -350,6 +354,7 @@ def make_plan(
     flash_attn: str = "auto",
     n_layers_probed: int | None = None,
     unified: bool | None = None,
+    lens_backend: str = "numpy",
 ) -> Plan:
     """The memory plan for running lcprobe on this model with these settings.
 
@@ -374,7 +379,7 @@ def make_plan(
     n_ubatch = min(int(n_ubatch or n_batch), int(n_batch))
     fa = flash_attn != "off"
     n_probe = int(n_layers_probed or shape.n_layer)
-    host = _host_parts(shape, int(n_batch), n_probe)
+    host = _host_parts(shape, int(n_batch), n_probe, lens_backend)
 
     def verdict(ngl: int) -> tuple[dict, int, int, bool]:
         lay = _layout(shape, ngl, n_ctx_padded, n_ubatch, kv_type, fa, has_gpu)
@@ -400,7 +405,8 @@ def make_plan(
         notes.append(f"-ngl {n_gpu_layers} offloads everything ({shape.n_layer} blocks + the output layer)")
     if host["lens_head"] > LENS_F16_SHARE * ram_bytes:
         notes.append(f"the lens head in float32 ({fmt_bytes(host['lens_head'])}) is over "
-                     f"{LENS_F16_SHARE:.0%} of RAM: store it as float16 (half) and compute in float32 chunks")
+                     f"{LENS_F16_SHARE:.0%} of RAM: --lens-backend ggml uses the stored (quantized) head "
+                     "from the mapped file instead, with no float32 copy")
     notes.append("weights are memory-mapped: page cache (RssFile once touched, dropped and re-read under "
                  "pressure), counted against RAM because a model larger than free RAM is re-read every decode")
     return Plan(

@@ -410,7 +410,7 @@ def other_figures(root: Path) -> list[Path]:
     out: list[Path] = []
     if (root / "compare.json").is_file() and _module_available("lcprobe.compare_figures"):
         out += _as_paths(importlib.import_module("lcprobe.compare_figures").draw_compare(root))
-    if ((root / "depth.json").is_file() or (root / "skip.json").is_file()) \
+    if ((root / "depth.json").is_file() or (root / "skip.json").is_file() or (root / "map.json").is_file()) \
             and _module_available("lcprobe.depth_figures"):
         out += _as_paths(importlib.import_module("lcprobe.depth_figures").draw_depth(root))
     return out
@@ -431,7 +431,7 @@ def make_report(root: str | Path) -> ReportOutcome:
     """Draw every figure the saved results allow and write ``root/report.md``."""
     root = Path(root)
     runs = find_runs(root)
-    extra_inputs = [n for n in ("compare.json", "depth.json", "skip.json") if (root / n).is_file()]
+    extra_inputs = [n for n in ("compare.json", "depth.json", "skip.json", "map.json") if (root / n).is_file()]
     if not runs and not extra_inputs:
         raise LcprobeError(f"no results in {root}: expected summary.json (a run), suite.json (a suite), "
                            "or compare.json / depth.json")

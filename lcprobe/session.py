@@ -21,6 +21,7 @@ from .engine import Engine, EngineConfig, check_sites_exist, llama_cpp_version, 
 from .errors import LcprobeError
 from .lens import Lens, Unembed
 from .modelfile import ModelInfo, file_sha256, forget_readers, read_model_info
+from .plan import Plan, check_fits, make_plan
 from .results import RunWriter, breakdown, item_line, read_items, write_summary
 from .runner import ItemResult, ProbeStats, Prober, parse_layers
 from .tasks import Item, Task
@@ -41,6 +42,7 @@ class ProbeOptions:
     n_seq_max: int = 64
     kv_type: str = "f16"
     flash_attn: str = "auto"
+    memory_check: bool = True  # refuse, with the plan's numbers, a model that does not fit
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_batch,
@@ -66,9 +68,22 @@ class LoadedModel:
         self.close()
 
 
+def memory_plan(info: ModelInfo, options: ProbeOptions) -> Plan:
+    """``lcprobe plan`` for these options on this machine (a CPU-only build plans no GPU)."""
+    from .engine import gpu_offload_supported
+
+    vram = None if options.n_gpu_layers > 0 and gpu_offload_supported() else 0
+    n_probe = len(parse_layers(options.layers, info.n_layer))
+    return make_plan(info, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, n_batch=options.n_batch,
+                     vram_bytes=vram, kv_type=options.kv_type, flash_attn=options.flash_attn,
+                     n_layers_probed=n_probe, lens_backend=options.lens_backend)
+
+
 def open_model(path: str | Path, options: ProbeOptions, log_path: str | Path | None = None) -> LoadedModel:
     t0 = time.perf_counter()
     info = read_model_info(path)
+    if options.memory_check:
+        check_fits(memory_plan(info, options))
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         set_llama_log(log_path)
@@ -90,6 +105,16 @@ class RunOutcome:
 
 def versions() -> dict[str, str]:
     return {"lcprobe": __version__, "llama_cpp_python": llama_cpp_version()}
+
+
+def run_key(sha256: str, info: ModelInfo, task: Task, options: ProbeOptions, n_items: int) -> dict[str, Any]:
+    """What identifies a run directory (its run.json): ``--resume`` refuses one whose key differs."""
+    return {
+        "model_sha256": sha256, "task": task.name, "task_hash": task.hash(), "lens": options.lens,
+        "lens_backend": options.lens_backend,
+        "site": options.site, "layers": parse_layers(options.layers, info.n_layer), "limit": options.limit,
+        "seed": options.seed, "n_ctx": options.n_ctx, "n_batch": options.n_batch, "n_items": n_items,
+    }
 
 
 def run_task(
@@ -117,13 +142,7 @@ def run_task(
         raise LcprobeError(f"task {task.name} has no items")
     layers = parse_layers(options.layers, info.n_layer)
     out = Path(out_dir)
-    run_key = {
-        "model_sha256": model.sha256, "task": task.name, "task_hash": task.hash(), "lens": options.lens,
-        "lens_backend": options.lens_backend,
-        "site": options.site, "layers": layers, "limit": options.limit, "seed": options.seed,
-        "n_ctx": options.n_ctx, "n_batch": options.n_batch, "n_items": len(items),
-    }
-    writer = RunWriter(out, run_key, resume)
+    writer = RunWriter(out, run_key(model.sha256, info, task, options, len(items)), resume)
     lens = Lens(model.unembed, info.n_layer, options.lens)
     # Overlapping the lens with decoding pays when they use different
     # hardware (GPU decode, CPU lens); on CPU alone they share the cores.
@@ -158,6 +177,8 @@ def run_task(
         writer.close()
     probe_seconds = time.perf_counter() - t_probe
     records = read_items(writer.items_path)
+    # a stop that arrives after the last batch was written loses nothing
+    interrupted = interrupted and len(records) < stats.items_total
     new_items = len(records) - len(writer.done)
     header = {
         "model": str(info.path), "model_name": info.name, "sha256": model.sha256, "architecture": info.arch,

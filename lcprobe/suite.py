@@ -30,8 +30,8 @@ from .catalog import resolve_model
 from .errors import LcprobeError
 from .modelfile import ModelInfo, file_sha256, read_model_info
 from .results import RUN, SUMMARY
-from .runner import ProbeStats, parse_layers
-from .session import LoadedModel, ProbeOptions, open_model, run_task
+from .runner import ProbeStats
+from .session import LoadedModel, ProbeOptions, open_model, run_key, run_task
 from .tasks import Item, Task, load_task
 
 #: One representative task per family of Chen et al. ``calc`` mixes every op,
@@ -149,15 +149,6 @@ def task_entry(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_key(model: SuiteModel, sha256: str, task: Task, options: ProbeOptions, n_items: int) -> dict[str, Any]:
-    # The part of the key lcprobe.session.run_task writes to run.json that is
-    # not simply an option of the same name.
-    return {
-        "model_sha256": sha256, "task": task.name, "task_hash": task.hash(),
-        "layers": parse_layers(options.layers, model.info.n_layer), "n_items": n_items,
-    }
-
-
 _MISSING = object()
 
 
@@ -242,7 +233,7 @@ def run_suite(
             sha = file_sha256(model.info.path)
             for task in tasks:
                 run_dir = out / model.stem / task.name
-                diff = resume_conflicts(run_dir, _run_key(model, sha, task, options, len(items[task.name])), options)
+                diff = resume_conflicts(run_dir, run_key(sha, model.info, task, options, len(items[task.name])), options)
                 if diff:
                     raise LcprobeError(f"{run_dir} holds a run with a different {', '.join(diff)}; "
                                        "use another -o/--output directory or drop --resume")
@@ -264,7 +255,7 @@ def run_suite(
         model_dir = out / model.stem
         todo: list[Task] = []
         for task in tasks:
-            done = finished_summary(model_dir / task.name, _run_key(model, sha, task, options,
+            done = finished_summary(model_dir / task.name, run_key(sha, model.info, task, options,
                                                                     len(items[task.name])), options) if resume else None
             if done is not None:
                 record["tasks"][task.name] = task_entry(done)

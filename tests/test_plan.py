@@ -179,9 +179,46 @@ def test_budget_that_cannot_fit_is_refused(llama70b):
     assert re.search(r"needs 4\d\.\d\d GB of RAM, 16\.00 GB available", plan.reasons[0])
     with pytest.raises(LcprobeError, match=r"does not fit: needs .* GB of RAM"):
         check_fits(plan)
-    assert not any("float16" in n for n in plan.notes)  # 1.05 GB is under 10% of 16 GB
+    assert not any("lens-backend ggml" in n for n in plan.notes)  # 1.05 GB is under 10% of 16 GB
     tiny = make_plan(llama70b, 0, n_ctx=2048, n_batch=512, ram_bytes=8 * GB, vram_bytes=0)
-    assert any("float16" in n for n in tiny.notes)
+    assert any("lens-backend ggml" in n for n in tiny.notes)
+    # the ggml lens reads the stored head from the mapped file: no float32 copy planned
+    ggml = make_plan(llama70b, 0, n_ctx=2048, n_batch=512, ram_bytes=8 * GB, vram_bytes=0, lens_backend="ggml")
+    assert ggml.lens_head == 0 and ggml.ram_need == tiny.ram_need - tiny.lens_head
+
+
+def test_run_refuses_a_model_that_does_not_fit_before_loading(smollm2, tmp_path, monkeypatch, capsys):
+    """`lcprobe run` checks the plan first: a refusal names the numbers and loads nothing."""
+    import lcprobe.engine
+    import lcprobe.plan
+
+    monkeypatch.setattr(lcprobe.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded although the plan does not fit")
+
+    monkeypatch.setattr(lcprobe.engine.Engine, "__init__", no_load)
+    out = tmp_path / "run"
+    assert main(["run", "-m", str(smollm2), "-T", "calc", "--limit", "2", "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"does not fit: needs \d+ MB of RAM, 105 MB available", err), err
+    assert "lcprobe plan" in err
+
+
+def test_memory_check_can_be_skipped(smollm2, monkeypatch):
+    import lcprobe.plan
+    from lcprobe.session import ProbeOptions, memory_plan, open_model
+    from lcprobe.modelfile import read_model_info
+
+    info = read_model_info(smollm2)
+    plan = memory_plan(info, ProbeOptions())
+    # SmolLM2 on this machine: model + f32 head + llama.cpp buffers, well under 2 GB
+    assert plan.fits and plan.vram_need == 0 and 300e6 < plan.ram_need < 2e9
+    monkeypatch.setattr(lcprobe.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))
+    with pytest.raises(LcprobeError, match="does not fit"):
+        open_model(smollm2, ProbeOptions())
+    with open_model(smollm2, ProbeOptions(memory_check=False, n_ctx=256)) as model:
+        assert model.engine.n_ctx == 256
 
 
 def test_cli_plan_json_and_exit_code(llama70b, capsys):
