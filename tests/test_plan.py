@@ -227,6 +227,10 @@ def test_cli_plan_json_and_exit_code(llama70b, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is True and data["gpu_layers"] == 80 and data["max_gpu_layers"] == 81
     assert data["kv_gpu"] == 1_342_177_280
+    assert main(["plan", "-m", str(llama70b), "-ngl", "99", "-c", "4096", "--ram", "64", "--vram", "48",
+                 "--unified", "--json", "--lens-backend", "ggml"]) == 0
+    ggml = json.loads(capsys.readouterr().out)
+    assert ggml["lens_head"] == 0 and ggml["ram_need"] == data["ram_need"] - data["lens_head"]
     assert main(["plan", "-m", str(llama70b), "--ram", "16", "--vram", "0"]) == 1
     out = capsys.readouterr().out
     assert "does not fit" in out and "weights" in out and "KV cache" in out

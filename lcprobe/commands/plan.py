@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_model(args.model), n_gpu_layers=args.n_gpu_layers, n_ctx=args.ctx_size, n_batch=args.batch_size,
         ram_bytes=None if args.ram is None else int(args.ram * gb), vram_bytes=vram,
         kv_type=args.kv_type, flash_attn=args.flash_attn, n_layers_probed=args.layers_probed, unified=args.unified,
+        lens_backend=args.lens_backend,
     )
     if cpu_build:
         plan.vram_source = "this llama-cpp-python build cannot offload (CPU only); --vram GB plans for a GPU"
