@@ -65,9 +65,11 @@ class Capture:
         self._ext.set_patches(self._state, list(patches))
         self._patches = tuple(patches)
 
-    def begin(self, outputs: np.ndarray, n_ubatch: int) -> None:
+    def begin(self, outputs: np.ndarray, n_ubatch: int, stop: str | None = None) -> None:
+        """Arm for one decode; ``stop`` names a node after which the graph is cut
+        (the last block's output, when llama.cpp's own logits are not wanted)."""
         flags = np.ascontiguousarray(outputs, dtype=np.uint8)
-        self._ext.begin(self._state, flags.tobytes(), int(n_ubatch))
+        self._ext.begin(self._state, flags.tobytes(), int(n_ubatch), stop)
         self._n_outputs = int(flags.sum())
         self._n_ubatches = -(-len(flags) // n_ubatch) if len(flags) else 0
 

@@ -76,6 +76,9 @@ class EngineConfig:
     # CPU (about 1e-3 relative error per layer); "off" with an f32 cache
     # reproduces a float32 forward pass to ~1e-6.
     flash_attn: str = "auto"
+    # Cut the graph after the last block when llama.cpp's logits are not
+    # wanted (see Engine.decode); False runs llama.cpp's full graph every time.
+    skip_head: bool = True
 
 
 class Engine:
@@ -137,6 +140,8 @@ class Engine:
         self.n_seq_max = n_seq
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+        self._last_block = info.site_name("resid_post", info.n_layer)
+        self.skip_head = bool(config.skip_head)
 
     # -- lifetime ---------------------------------------------------------
     def close(self) -> None:
@@ -222,7 +227,10 @@ class Engine:
                     raise ValueError(f"sequence id {s} outside 0..{self.n_seq_max - 1}")
                 row[j] = s
         b.n_tokens = n
-        self.capture.begin(out, self.n_ubatch)
+        # Unless the caller wants llama.cpp's logits, the graph stops after the
+        # last block: the lens recomputes the head on exactly the rows it needs.
+        stop = self._last_block if self.skip_head and not want_logits else None
+        self.capture.begin(out, self.n_ubatch, stop)
         try:
             rc = llama_cpp.llama_decode(self._ctx, b)
         except BaseException:

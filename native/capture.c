@@ -85,6 +85,14 @@ typedef struct {
 
     int64_t n_calls;
 
+    /* Node after which the rest of the graph is skipped (the last block's
+     * output when the caller does not want llama.cpp's logits): returning
+     * false from the callback makes the scheduler stop the split there, so
+     * the output norm and head, the largest matmul of a small model, are not
+     * computed for rows the lens recomputes anyway. Empty: run everything. */
+    char stop[LCP_NAME_MAX];
+    int64_t n_stopped;
+
     /* optional trace of every node name the scheduler offers (lcprobe sites) */
     int tracing;
     char *trace;
@@ -356,10 +364,16 @@ static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
     for (int i = 0; i < s->n_patches && !wanted; i++) {
         wanted = strcmp(s->patches[i].src, name) == 0 || strcmp(s->patches[i].dst, name) == 0;
     }
+    /* never while tracing: `lcprobe sites` must see every node */
+    int stop = s->stop[0] != '\0' && !s->tracing && strcmp(s->stop, name) == 0;
     if (ask) {
-        return wanted;
+        return wanted || stop;
     }
     if (!wanted) {
+        if (stop) {
+            s->n_stopped++;
+            return false;
+        }
         return true;
     }
     /* Capture first, then patch: a captured site that is also a patch target
@@ -375,6 +389,10 @@ static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
         if (strcmp(p->dst, name) == 0) {
             lcp_patch_apply(s, p, t, name);
         }
+    }
+    if (stop) {
+        s->n_stopped++;
+        return false;
     }
     return true;
 }
@@ -562,14 +580,18 @@ static PyObject *py_set_patches(PyObject *self, PyObject *args) {
     return Py_NewRef(Py_None);
 }
 
-PyDoc_STRVAR(begin_doc, "begin(state, outputs: bytes, n_ubatch: int)\n\n"
+PyDoc_STRVAR(begin_doc, "begin(state, outputs: bytes, n_ubatch: int, stop: str | None = None)\n\n"
                         "Arm the callback for one llama_decode: outputs[i] != 0 marks batch token "
-                        "i as an output; its row is captured as row j (its output ordinal).");
+                        "i as an output; its row is captured as row j (its output ordinal). With "
+                        "stop, the graph is cut after that node (llama.cpp's logits are then not "
+                        "computed).");
 static PyObject *py_begin(PyObject *self, PyObject *args) {
     PyObject *cap;
     Py_buffer flags;
     long long n_ubatch;
-    if (!PyArg_ParseTuple(args, "Oy*L", &cap, &flags, &n_ubatch)) {
+    const char *stop = NULL;
+    Py_ssize_t stop_len = 0;
+    if (!PyArg_ParseTuple(args, "Oy*L|z#", &cap, &flags, &n_ubatch, &stop, &stop_len)) {
         return NULL;
     }
     lcp_state *s = lcp_get(cap);
@@ -579,6 +601,9 @@ static PyObject *py_begin(PyObject *self, PyObject *args) {
     }
     if (n_ubatch <= 0) {
         PyErr_SetString(PyExc_ValueError, "n_ubatch must be positive");
+        goto done;
+    }
+    if (stop != NULL && !lcp_name_ok(stop, stop_len)) {
         goto done;
     }
     int64_t n = (int64_t)flags.len;
@@ -643,6 +668,13 @@ static PyObject *py_begin(PyObject *self, PyObject *args) {
     s->has_err = 0;
     s->err[0] = '\0';
     s->n_calls = 0;
+    s->n_stopped = 0;
+    if (stop != NULL) {
+        memcpy(s->stop, stop, (size_t)stop_len);
+        s->stop[stop_len] = '\0';
+    } else {
+        s->stop[0] = '\0';
+    }
     s->active = 1;
     ret = Py_NewRef(Py_None);
 done:

@@ -72,6 +72,31 @@ def test_trimmed_last_layer_and_ubatches(synth_model):
     np.testing.assert_array_equal(logits.argmax(-1), np.asarray(ref["logits"])[outputs].argmax(-1))
 
 
+def test_cutting_the_head_changes_no_captured_row(synth_model, smollm2):
+    """Without want_logits the graph stops after the last block (llama.cpp's head is
+    skipped): the captured rows are bit-identical, across ubatches and with the
+    trimmed last layer, and the KV cache the next decode sees is the same."""
+    for path, n_ubatch in ((synth_model[0], 8), (smollm2, 512)):
+        info = read_model_info(path)
+        toks = _tokens(37, min(info.n_vocab, 200), 2)
+        outputs = np.zeros(len(toks), bool)
+        outputs[[0, 5, 6, 17, 30, 36]] = True
+        got = {}
+        for skip in (False, True):
+            with _engine(path, n_ubatch=n_ubatch, skip_head=skip) as eng:
+                eng.set_sites(_all_layers(eng.info))
+                rows, _ = eng.decode_sequence(toks, outputs)
+                calls = eng.capture.callback_calls
+                # a second decode attends to the first one's KV cells
+                more, _ = eng.decode(toks[:5], range(len(toks), len(toks) + 5), [[0]] * 5, np.ones(5, bool))
+            got[skip] = (rows, more, calls)
+        np.testing.assert_array_equal(got[True][0], got[False][0])
+        np.testing.assert_array_equal(got[True][1], got[False][1])
+        assert not np.isnan(got[True][0]).any()
+        # the scheduler offered fewer nodes: the cut happened
+        assert got[True][2] < got[False][2], (path, got[True][2], got[False][2])
+
+
 def test_several_sequences_in_one_batch(synth_model):
     path, spec, weights = synth_model
     a, b = _tokens(9, 200, 2), _tokens(13, 200, 3)
