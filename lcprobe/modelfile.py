@@ -261,6 +261,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 _DEQUANT_BLOCK_BYTES = 16 << 20  # float32 bytes per dequantized block
+_PARALLEL_DEQUANT_BYTES = 512 << 20
 
 
 def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> dict[str, np.ndarray]:
@@ -277,8 +278,8 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
             return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
         # Row blocks into one float32 array: dequantizing a whole head at once
         # makes several head-sized temporaries, which set the run's peak RSS.
-        # gguf-py's numpy kernels release the GIL, so blocks go to a few threads
-        # (a 128k x 2048 Q6_K head: 5.4 s on one).
+        # gguf-py's numpy kernels release the GIL, so blocks of a big head go to
+        # a few threads (a 128k x 2048 Q6_K head: 5.4 s on one, 3.3 s on two).
         out = np.empty(shape, np.float32)
         step = max(64, _DEQUANT_BLOCK_BYTES // (4 * shape[1]))
 
@@ -287,7 +288,10 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
             out[r0:r1] = gguf.quants.dequantize(data[r0:r1], t.tensor_type)
 
         starts = range(0, shape[0], step)
-        workers = min(4, os.cpu_count() or 1, len(starts))
+        # Threads only for big heads: each keeps a malloc arena of freed blocks
+        # (+30-60 MB RSS measured for SmolLM2's 113 MB head, which loads in 0.3 s anyway).
+        big = out.nbytes >= _PARALLEL_DEQUANT_BYTES
+        workers = min(4, os.cpu_count() or 1, len(starts)) if big else 1
         if workers > 1:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(fill, starts))
