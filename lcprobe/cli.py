@@ -59,7 +59,7 @@ class Interrupt:
             signal.signal(sig, old)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, loads: bool = True) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"a .gguf path or a catalog name (default: {DEFAULT_MODEL}; see 'lcprobe models list')")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
@@ -73,6 +73,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="numpy: float32 product with the dequantized head (default; what transformers "
                         "would compute on the dequantized GGUF); ggml: the stored (quantized) head through "
                         "ggml's CPU kernels, exactly llama.cpp's own logits")
+    if not loads:  # `plan` only reads the header
+        return
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                    help="load even when 'lcprobe plan' says the model does not fit this machine's RAM/GPU "
                         "memory (by default such a run is refused before loading, with the plan's numbers)")
@@ -237,16 +239,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineConfig, default_log_path, set_llama_log
     from .lens import Lens, Unembed
     from .modelfile import read_model_info
+    from .session import check_memory, release_load_memory
 
     info = read_model_info(_resolve_model(args.model))
     text = Path(args.text).read_text(encoding="utf-8") if args.text else SAMPLE_TEXT
     log = default_log_path()
     log.parent.mkdir(parents=True, exist_ok=True)
     set_llama_log(log)
-    unembed = Unembed.from_model(info, backend=args.lens_backend, n_threads=args.threads)
-    lens = Lens(unembed, info.n_layer, "final-norm")
     config = EngineConfig(n_ctx=max(args.ctx_size, 512), n_batch=args.batch_size, n_ubatch=args.batch_size,
                           n_seq_max=1, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
+    if args.memory_check:
+        check_memory(info, config, 1, args.lens_backend)
+    unembed = Unembed.from_model(info, backend=args.lens_backend, n_threads=args.threads)
+    lens = Lens(unembed, info.n_layer, "final-norm")
+    release_load_memory()
     with Engine(info, config) as engine:
         tokens = engine.tokenize(text)[: engine.n_ctx]
         engine.set_sites([Site(info.site_name("resid_post", info.n_layer), info.n_embd)])

@@ -300,11 +300,11 @@ def _layout(shape: Shape, ngl: int, n_ctx: int, n_ubatch: int, kv_type: str, fla
     }
 
 
-def _host_parts(shape: Shape, n_batch: int, n_probe: int, lens_backend: str = "numpy") -> dict[str, int]:
+def _host_parts(shape: Shape, n_batch: int, n_probe: int, lens_backend: str | None = "numpy") -> dict[str, int]:
     """lcprobe's own memory, whatever the offload: output buffer, lens, capture.
 
     The ggml lens backend multiplies with the head as stored in the
-    memory-mapped file: no float32 copy.
+    memory-mapped file: no float32 copy; None: no lens at all.
     """
     from .lens import DEFAULT_BUDGET
     from .runner import ROW_BUDGET_BYTES
@@ -354,7 +354,7 @@ def make_plan(
     flash_attn: str = "auto",
     n_layers_probed: int | None = None,
     unified: bool | None = None,
-    lens_backend: str = "numpy",
+    lens_backend: str | None = "numpy",
 ) -> Plan:
     """The memory plan for running lcprobe on this model with these settings.
 

@@ -9,7 +9,6 @@ ignore them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 import json
 import time
@@ -71,41 +70,47 @@ class LoadedModel:
         self.close()
 
 
-def _return_free_heap() -> None:
-    """Give the allocator's free pages back to the OS (glibc only).
-
-    Loading leaves the reader's and the dequantizer's freed blocks in malloc's
-    heap, where they would count in RSS for the whole run (27 MB for SmolLM2).
-    """
+def release_load_memory() -> None:
+    """Drop what loading needed and the run does not: gguf-py's cached readers
+    and, on glibc, the freed pages the reader and the dequantizer left in
+    malloc's heap (they would count in RSS for the whole run: 27 MB for SmolLM2)."""
+    forget_readers()
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc (macOS, musl): nothing to do
 
 
-def memory_plan(info: ModelInfo, options: ProbeOptions) -> Plan:
-    """``lcprobe plan`` for these options on this machine (a CPU-only build plans no GPU)."""
+def memory_plan(info: ModelInfo, config: EngineConfig, n_layers_probed: int | None = None,
+                lens_backend: str | None = "numpy") -> Plan:
+    """``lcprobe plan`` for an engine configuration on this machine (a CPU-only
+    build plans no GPU); ``lens_backend`` None for commands that load no head."""
     from .engine import gpu_offload_supported
 
-    vram = None if options.n_gpu_layers > 0 and gpu_offload_supported() else 0
-    n_probe = len(parse_layers(options.layers, info.n_layer))
-    return make_plan(info, n_gpu_layers=options.n_gpu_layers, n_ctx=options.n_ctx, n_batch=options.n_batch,
-                     vram_bytes=vram, kv_type=options.kv_type, flash_attn=options.flash_attn,
-                     n_layers_probed=n_probe, lens_backend=options.lens_backend)
+    vram = None if config.n_gpu_layers > 0 and gpu_offload_supported() else 0
+    return make_plan(info, n_gpu_layers=config.n_gpu_layers, n_ctx=config.n_ctx, n_batch=config.n_batch,
+                     n_ubatch=config.n_ubatch, vram_bytes=vram, kv_type=config.kv_type,
+                     flash_attn=config.flash_attn, n_layers_probed=n_layers_probed, lens_backend=lens_backend)
+
+
+def check_memory(info: ModelInfo, config: EngineConfig, n_layers_probed: int | None = None,
+                 lens_backend: str | None = "numpy") -> None:
+    """Refuse, before anything is loaded, a model that does not fit (the plan's numbers in the error)."""
+    check_fits(memory_plan(info, config, n_layers_probed, lens_backend))
 
 
 def open_model(path: str | Path, options: ProbeOptions, log_path: str | Path | None = None) -> LoadedModel:
     t0 = time.perf_counter()
     info = read_model_info(path)
     if options.memory_check:
-        check_fits(memory_plan(info, options))
+        check_memory(info, options.engine_config(), len(parse_layers(options.layers, info.n_layer)),
+                     options.lens_backend)
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         set_llama_log(log_path)
     unembed = Unembed.from_model(info, backend=options.lens_backend, n_threads=options.n_threads)
     sha = file_sha256(info.path)
-    forget_readers()
-    _return_free_heap()
+    release_load_memory()
     engine = Engine(info, options.engine_config())
     return LoadedModel(info, sha, unembed, engine, time.perf_counter() - t0)
 

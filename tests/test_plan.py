@@ -203,6 +203,13 @@ def test_run_refuses_a_model_that_does_not_fit_before_loading(smollm2, tmp_path,
     err = capsys.readouterr().err
     assert re.search(r"does not fit: needs \d+ MB of RAM, 105 MB available", err), err
     assert "lcprobe plan" in err
+    # every command that loads a model checks the same plan first
+    text = tmp_path / "t.txt"
+    text.write_text("one two three four five six seven eight nine ten " * 20)
+    for argv in (["check"], ["sites"], ["depth", "--text", str(text), "-o", str(tmp_path / "d")],
+                 ["depth", "--text", str(text), "--skip", "1", "-o", str(tmp_path / "s")]):
+        assert main([*argv, "-m", str(smollm2)]) == 1, argv
+        assert "does not fit" in capsys.readouterr().err, argv
 
 
 def test_memory_check_can_be_skipped(smollm2, monkeypatch):
@@ -211,7 +218,7 @@ def test_memory_check_can_be_skipped(smollm2, monkeypatch):
     from lcprobe.modelfile import read_model_info
 
     info = read_model_info(smollm2)
-    plan = memory_plan(info, ProbeOptions())
+    plan = memory_plan(info, ProbeOptions().engine_config(), info.n_layer)
     # SmolLM2 on this machine: model + f32 head + llama.cpp buffers, well under 2 GB
     assert plan.fits and plan.vram_need == 0 and 300e6 < plan.ram_need < 2e9
     monkeypatch.setattr(lcprobe.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))

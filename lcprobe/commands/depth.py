@@ -162,6 +162,13 @@ def _model_info(model: str):
     return read_model_info(resolve_model(model))
 
 
+def _check_memory(args: argparse.Namespace, info, config, lens_backend: str | None) -> None:
+    from ..session import check_memory
+
+    if args.memory_check:
+        check_memory(info, config, None, lens_backend)
+
+
 def _prepare(out_dir: Path) -> None:
     from ..engine import set_llama_log
 
@@ -175,15 +182,19 @@ def _run_depth(args: argparse.Namespace, model: str) -> int:
     from ..engine import Engine
     from ..lens import Lens, Unembed
     from ..modelfile import file_sha256
+    from ..session import release_load_memory
 
     console = _console(args.quiet)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS["depth"]
     docs, source = _documents(args)
     info = _model_info(model)
     out_dir = Path(args.output or Path("results") / info.stem / "depth")
+    config = _engine_config(args, args.ctx_size, 1)
+    _check_memory(args, info, config, "numpy")
     _prepare(out_dir)
     lens = Lens(Unembed.from_model(info), info.n_layer, "final-norm")
-    with Engine(info, _engine_config(args, args.ctx_size, 1)) as engine:
+    release_load_memory()
+    with Engine(info, config) as engine:
         windows = _windows(engine, docs, args.ctx_size, max_tokens)
         n_tok = sum(len(w) for w in windows)
         console.print(f"[bold]lcprobe depth[/] {info.name} [dim]({info.arch}, {info.n_layer} layers, "
@@ -214,6 +225,7 @@ def _run_skip(args: argparse.Namespace, model: str) -> int:
     from ..depth import parse_skip, run_skip
     from ..engine import Engine
     from ..modelfile import file_sha256
+    from ..session import release_load_memory
 
     console = _console(args.quiet)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS["skip"]
@@ -223,7 +235,10 @@ def _run_skip(args: argparse.Namespace, model: str) -> int:
     _prepare(out_dir)
     layers = parse_skip(args.skip, info.n_layer)
     n_ctx = args.ctx_size + args.positions * (1 + args.horizon)
-    with Engine(info, _engine_config(args, n_ctx, args.positions + 1)) as engine:
+    config = _engine_config(args, n_ctx, args.positions + 1)
+    _check_memory(args, info, config, None)
+    release_load_memory()
+    with Engine(info, config) as engine:
         windows = _windows(engine, docs, args.ctx_size, max_tokens)
         n_tok = sum(len(w) for w in windows)
         console.print(f"[bold]lcprobe depth --skip[/] {info.name} [dim]({info.n_layer} layers, {info.file_type})[/]: "
@@ -253,6 +268,7 @@ def _run_map(args: argparse.Namespace, models: list[str]) -> int:
     from ..errors import LcprobeError
     from ..modelfile import file_sha256, read_model_info, vocab_fingerprint
     from ..runner import parse_layers
+    from ..session import release_load_memory
 
     console = _console(args.quiet)
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS["map"]
@@ -269,9 +285,13 @@ def _run_map(args: argparse.Namespace, models: list[str]) -> int:
     docs, source = _documents(args)
     out_dir = Path(args.output or Path("results") / f"map-{infos[0].stem}-{infos[1].stem}")
     _prepare(out_dir)
+    config = _engine_config(args, args.ctx_size, 1)
+    for info in infos[: 1 if same else 2]:
+        _check_memory(args, info, config, None)
+    release_load_memory()
     t0 = time.perf_counter()
-    with Engine(infos[0], _engine_config(args, args.ctx_size, 1)) as eng_a:
-        eng_b = None if same else Engine(infos[1], _engine_config(args, args.ctx_size, 1))
+    with Engine(infos[0], config) as eng_a:
+        eng_b = None if same else Engine(infos[1], config)
         try:
             windows = _windows(eng_a, docs, args.ctx_size, max_tokens)
             n_tok = sum(len(w) for w in windows)

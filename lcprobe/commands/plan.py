@@ -15,7 +15,7 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                     "the total against this machine's RAM and GPU memory, and the largest -ngl that fits. "
                     "Exits 1 when the plan does not fit.",
     )
-    add_model_args(p)
+    add_model_args(p, loads=False)
     p.add_argument("--ram", type=float, default=None, metavar="GB",
                    help="RAM to plan for, in GB (default: this machine's available memory)")
     p.add_argument("--vram", type=float, default=None, metavar="GB",

@@ -37,13 +37,17 @@ def run(args: argparse.Namespace) -> int:
     from ..catalog import resolve_model
     from ..engine import Engine, EngineConfig, default_log_path, set_llama_log
     from ..modelfile import read_model_info
+    from ..session import check_memory
 
     info = read_model_info(resolve_model(args.model))
     log = default_log_path()
     log.parent.mkdir(parents=True, exist_ok=True)
     set_llama_log(log)
-    with Engine(info, EngineConfig(n_ctx=64, n_batch=8, n_ubatch=8, n_seq_max=1,
-                                   n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)) as eng:
+    config = EngineConfig(n_ctx=64, n_batch=8, n_ubatch=8, n_seq_max=1,
+                          n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
+    if args.memory_check:
+        check_memory(info, config, 1, None)
+    with Engine(info, config) as eng:
         eng.set_sites([])
         eng.capture.trace(True)
         eng.decode_sequence(eng.tokenize("a", add_special=False)[:1])
