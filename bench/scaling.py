@@ -90,70 +90,37 @@ def write_random_llama(path: Path, s: Shape, seed: int = 0) -> None:
     (words, numbers, bytes) followed by filler tokens no text produces.
     """
     import gguf
-    from synth import BOS_ID, EOS_ID, UNK_ID, build_vocab
+    from synth import SynthSpec, llama_metadata, llama_tensor_shapes, padded_vocab
 
-    tokens, scores, types = (list(x) for x in build_vocab())
-    if s.n_vocab < len(tokens):
-        raise ValueError(f"n_vocab {s.n_vocab} < the synthetic vocabulary ({len(tokens)})")
-    extra = s.n_vocab - len(tokens)
-    tokens += [f"<filler{i}>" for i in range(extra)]
-    scores += [-1e9] * extra
-    types += [1] * extra
-    hd = s.n_embd // s.n_head
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(f"lcprobe-scaling-{s.name}")
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    w.add_block_count(s.n_layer)
-    w.add_context_length(4096)
-    w.add_embedding_length(s.n_embd)
-    w.add_feed_forward_length(s.n_ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(hd)
-    w.add_vocab_size(s.n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(UNK_ID)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    plan: list[tuple[str, tuple[int, ...], float]] = [("token_embd.weight", (s.n_vocab, s.n_embd), 0.5)]
-    for i in range(s.n_layer):
-        p = f"blk.{i}."
-        plan += [(p + "attn_norm.weight", (s.n_embd,), -1.0),
-                 (p + "attn_q.weight", (s.n_head * hd, s.n_embd), 1.0),
-                 (p + "attn_k.weight", (s.n_head_kv * hd, s.n_embd), 1.0),
-                 (p + "attn_v.weight", (s.n_head_kv * hd, s.n_embd), 1.0),
-                 (p + "attn_output.weight", (s.n_embd, s.n_head * hd), 1.0),
-                 (p + "ffn_norm.weight", (s.n_embd,), -1.0),
-                 (p + "ffn_gate.weight", (s.n_ff, s.n_embd), 1.0),
-                 (p + "ffn_up.weight", (s.n_ff, s.n_embd), 1.0),
-                 (p + "ffn_down.weight", (s.n_embd, s.n_ff), 1.0)]
-    plan += [("output_norm.weight", (s.n_embd,), -1.0), ("output.weight", (s.n_vocab, s.n_embd), 4.0)]
-    for name, shape, _ in plan:
-        dtype = np.float32 if len(shape) == 1 else np.float16  # norms stay F32 as in real models
-        w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
+    from lcprobe.files.gguf_writer import TensorOut, write_gguf
+
+    spec = SynthSpec(n_layer=s.n_layer, n_embd=s.n_embd, n_head=s.n_head, n_head_kv=s.n_head_kv, n_ff=s.n_ff,
+                     ctx=4096, eps=1e-5, rope_base=10000.0)
+    metadata = llama_metadata(spec, f"lcprobe-scaling-{s.name}", gguf.LlamaFileType.MOSTLY_F16,
+                              padded_vocab(s.n_vocab))
+    gains = {"token_embd.weight": 0.5, "output.weight": 4.0}
+    plan = [(name, shape, -1.0 if len(shape) == 1 else gains.get(name, 1.0))  # -1: a norm weight
+            for name, shape in llama_tensor_shapes(spec, s.n_vocab)]
     rng = np.random.default_rng(seed)
-    for name, shape, gain in plan:
+
+    def make(name: str, shape: tuple[int, ...], gain: float) -> np.ndarray:
+        # called as each tensor is written, in order, so the random stream is the same as ever
         if gain < 0:  # a norm weight
-            arr = (1.0 + 0.1 * rng.standard_normal(shape, np.float32)).astype(np.float32)
-        else:
-            scale = gain if name == "token_embd.weight" else gain / np.sqrt(shape[1])
-            arr = np.empty(shape, np.float16)
-            for r0 in range(0, shape[0], 4096):  # bounded temporaries for 128k x 3072 heads
-                chunk = rng.standard_normal((min(4096, shape[0] - r0), shape[1]), np.float32)
-                chunk *= np.float32(scale)
-                arr[r0 : r0 + len(chunk)] = chunk
-        w.write_tensor_data(arr)
-    w.close()
+            return (1.0 + 0.1 * rng.standard_normal(shape, np.float32)).astype(np.float32)
+        scale = gain if name == "token_embd.weight" else gain / np.sqrt(shape[1])
+        arr = np.empty(shape, np.float16)
+        for r0 in range(0, shape[0], 4096):  # bounded temporaries for 128k x 3072 heads
+            chunk = rng.standard_normal((min(4096, shape[0] - r0), shape[1]), np.float32)
+            chunk *= np.float32(scale)
+            arr[r0 : r0 + len(chunk)] = chunk
+        return arr
+
+    tensors = []
+    for name, shape, gain in plan:
+        dtype = np.dtype(np.float32 if len(shape) == 1 else np.float16)  # norms stay F32 as in real models
+        tensors.append(TensorOut(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize,
+                                 lambda name=name, shape=shape, gain=gain: make(name, shape, gain)))
+    write_gguf(path, "llama", metadata, tensors)
 
 
 def model_file(cache: Path, s: Shape, qtype: str, log=print) -> Path:
@@ -179,10 +146,11 @@ def model_file(cache: Path, s: Shape, qtype: str, log=print) -> Path:
 def measure(path: Path, s: Shape, items, task, threads: int, repeat: int, tmp: Path, tokenize=None) -> dict:
     from speed import decode_batches, lens_vs_matmul
 
-    from lcprobe.batching import build_units, common_prefix_length, group_units, layout_group
-    from lcprobe.lens import Lens
-    from lcprobe.runner import Prober, parse_layers
-    from lcprobe.session import ProbeOptions, open_model, run_task
+    from lcprobe.probing.batching import build_units, common_prefix_length, group_units, layout_group
+    from lcprobe.analysis.lens import Lens
+    from lcprobe.probing.runner import Prober, parse_layers
+    from lcprobe.llama.loader import open_model
+    from lcprobe.probing.session import ProbeOptions, run_task
 
     options = ProbeOptions(n_threads=threads, n_ctx=2048, n_batch=512)
     t0 = time.perf_counter()
@@ -276,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if shared.exists():
         os.environ.setdefault("LCPROBE_DATA", str(shared))
 
-    from lcprobe.engine import set_llama_log
-    from lcprobe.tasks import load_task
+    from lcprobe.llama.engine import set_llama_log
+    from lcprobe.tasks.task import load_task
 
     task = load_task(args.task)
     items = task.items(limit=args.limit)
@@ -287,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r.split(":") for r in args.runs.split(",")]
     tokenize, tok_engine = None, None
     if not args.synthetic_tokenizer:
-        from lcprobe.catalog import resolve_model
-        from lcprobe.engine import Engine, EngineConfig
-        from lcprobe.modelfile import read_model_info
+        from lcprobe.files.catalog import resolve_model
+        from lcprobe.llama.engine import Engine, EngineConfig
+        from lcprobe.files.modelfile import read_model_info
 
         tok_info = read_model_info(resolve_model(args.tokenizer))
         if min(SHAPES[name].n_vocab for name, _ in runs) < tok_info.n_vocab:

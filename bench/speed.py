@@ -3,8 +3,8 @@
 
 In one process, on the same items, model and threads:
 
-(a) lcprobe end to end (``lcprobe.session.run_task``, exactly what ``lcprobe run`` does);
-(b) the naive capture (``bench/naive.py``): every choice's whole prompt re-decoded;
+(a) lcprobe end to end (``lcprobe.probing.session.run_task``, exactly what ``lcprobe run`` does);
+(b) the naive capture (``tests/naive.py``, the tests' yardstick too): every choice's whole prompt re-decoded;
 (c) a plain llama.cpp decode of the very batches lcprobe decodes, without capture
     (the floor), timed interleaved with the same batches with capture on;
 (d) the paper's method through transformers (the same GGUF dequantized to float32,
@@ -279,15 +279,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from lcprobe.batching import build_units, common_prefix_length, group_units, layout_group
-    from lcprobe.catalog import resolve_model
-    from lcprobe.engine import Engine, EngineConfig, llama_cpp_version, set_llama_log
-    from lcprobe.lens import Lens
-    from lcprobe.session import ProbeOptions, open_model, run_task
-    from lcprobe.runner import Prober, parse_layers
-    from lcprobe.tasks import load_task
+    from lcprobe.probing.batching import build_units, common_prefix_length, group_units, layout_group
+    from lcprobe.files.catalog import resolve_model
+    from lcprobe.llama.engine import Engine, EngineConfig, llama_cpp_version, set_llama_log
+    from lcprobe.analysis.lens import Lens
+    from lcprobe.llama.loader import open_model
+    from lcprobe.probing.session import ProbeOptions, run_task
+    from lcprobe.probing.runner import Prober, parse_layers
+    from lcprobe.tasks.task import load_task
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(REPO / "tests"))
     from naive import naive_scores
 
     load_start = os.getloadavg()

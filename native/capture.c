@@ -21,6 +21,18 @@
  * layer keeps only the ubatch's output rows (inp_out_ids). The row count tells
  * which case applies; when both counts agree every token is an output and the
  * two mappings coincide.
+ *
+ * Interventions run in the same collect call, in this order: edits (x += v or
+ * x = v on chosen rows, lcp_edit), then the capture (so it sees the edited
+ * values), then patches (dst := src saved earlier in the ubatch).
+ *
+ * Thread contract. The callback runs on the thread inside llama_decode, which
+ * llama-cpp-python calls with the GIL released, so another Python thread may
+ * call into this module meanwhile. begin() arms the state and end() disarms
+ * it; while armed, every function that changes or reads what the callback
+ * uses (set_sites, set_patches, set_edits, begin, read, trace) raises
+ * RuntimeError instead of racing with it. end() only clears the flag and
+ * reads counters, so it is safe at any time.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,6 +47,8 @@
 
 #define LCP_NAME_MAX 64
 #define LCP_MAX_PATCHES 16
+#define LCP_MAX_EDITS 64
+#define LCP_TRACE_MAX (1u << 22)
 #define LCP_CAPSULE "lcprobe._capture.State"
 
 typedef struct {
@@ -58,6 +72,21 @@ typedef struct {
     int32_t applied;
 } lcp_patch;
 
+/* Intervention on one node's output, per batch token: rows[i] >= 0 adds
+ * (or writes) values[rows[i]] to the row of batch token i; -1 leaves it. */
+enum { LCP_EDIT_ADD = 0, LCP_EDIT_SET = 1 };
+typedef struct {
+    char name[LCP_NAME_MAX];
+    int mode;
+    int64_t width;
+    int64_t n_values;
+    float *values;  /* [n_values][width] */
+    int64_t n_rows; /* batch tokens the plan is for */
+    int32_t *rows;  /* [n_rows] */
+    int32_t fired;  /* times applied (once per ubatch) in the current decode */
+    int64_t written; /* rows changed in the current decode */
+} lcp_edit;
+
 typedef struct {
     struct lcp_ggml_api api;
 
@@ -65,6 +94,8 @@ typedef struct {
     lcp_site *sites;
     int n_patches;
     lcp_patch patches[LCP_MAX_PATCHES];
+    int n_edits;
+    lcp_edit *edits;
 
     /* per-decode plan */
     int active;
@@ -98,6 +129,7 @@ typedef struct {
     char *trace;
     size_t trace_len;
     size_t trace_cap;
+    int64_t trace_dropped; /* names that did not fit under LCP_TRACE_MAX */
 
     int has_err;
     char err[512];
@@ -216,9 +248,17 @@ static int64_t lcp_dest(const lcp_state *s, int64_t rows, int64_t r, int64_t tok
     return -2;
 }
 
+/* Bytes from the start of row r0 to the end of row r1 - 1. Rows may be
+ * padded (nb1 > row bytes), and the last row's padding need not exist: a
+ * read of (r1 - r0) * nb1 bytes would run past ggml_nbytes and ggml asserts. */
+static size_t lcp_span_bytes(const struct lcp_ggml_tensor *t, int64_t r0, int64_t r1) {
+    size_t row = lcp_type_size(t->type) * (size_t)t->ne[0];
+    return r1 > r0 ? (size_t)(r1 - r0 - 1) * t->nb[1] + row : 0;
+}
+
 static void lcp_read_span(lcp_state *s, const struct lcp_ggml_tensor *t, int64_t r0, int64_t r1,
                           uint8_t **data) {
-    size_t len = (size_t)(r1 - r0) * t->nb[1];
+    size_t len = lcp_span_bytes(t, r0, r1);
     *data = NULL;
     if (!lcp_grow((void **)&s->stage, &s->stage_cap, len)) {
         lcp_fail(s, "out of memory staging %zu bytes", len);
@@ -298,7 +338,7 @@ static void lcp_patch_save(lcp_state *s, lcp_patch *p, const struct lcp_ggml_ten
     if (!lcp_check_tensor(s, t, name, &rows)) {
         return;
     }
-    size_t len = (size_t)rows * t->nb[1];
+    size_t len = lcp_span_bytes(t, 0, rows);
     if (!lcp_grow((void **)&p->saved, &p->saved_cap, len)) {
         lcp_fail(s, "out of memory saving %s", name);
         return;
@@ -319,8 +359,9 @@ static void lcp_patch_apply(lcp_state *s, lcp_patch *p, struct lcp_ggml_tensor *
     if (!lcp_check_tensor(s, t, name, &rows)) {
         return;
     }
-    size_t row_bytes = t->nb[1];
-    if (rows == p->saved_rows && (size_t)rows * row_bytes == p->saved_bytes) {
+    size_t stride = t->nb[1];
+    size_t row_bytes = lcp_type_size(t->type) * (size_t)t->ne[0];
+    if (rows == p->saved_rows && lcp_span_bytes(t, 0, rows) == p->saved_bytes) {
         s->api.tensor_set(t, p->saved, 0, p->saved_bytes);
         return;
     }
@@ -330,14 +371,89 @@ static void lcp_patch_apply(lcp_state *s, lcp_patch *p, struct lcp_ggml_tensor *
     if (!lcp_ubatch(s, k, name, &tok0, &n_tok, &n_out)) {
         return;
     }
-    if (rows != n_out || p->saved_rows != n_tok || p->saved_bytes != (size_t)n_tok * row_bytes) {
+    if (rows != n_out || p->saved_rows != n_tok || p->saved_bytes != lcp_span_bytes(t, 0, n_tok)) {
         lcp_fail(s, "patch %s := %s: %lld rows cannot take %lld rows", name, p->src,
                  (long long)rows, (long long)p->saved_rows);
         return;
     }
     for (int64_t j = 0; j < n_out; j++) {
         int64_t tok = s->out_tok[s->out_before[tok0] + j] - tok0;
-        s->api.tensor_set(t, p->saved + (size_t)tok * row_bytes, (size_t)j * row_bytes, row_bytes);
+        s->api.tensor_set(t, p->saved + (size_t)tok * stride, (size_t)j * stride, row_bytes);
+    }
+}
+
+/* Batch token of tensor row r in a ubatch: every token, or (the last layer,
+ * trimmed to inp_out_ids) only the ubatch's outputs in batch order. */
+static int64_t lcp_row_token(const lcp_state *s, int64_t rows, int64_t r, int64_t tok0, int64_t n_tok) {
+    return rows == n_tok ? tok0 + r : s->out_tok[s->out_before[tok0] + r];
+}
+
+static void lcp_edit_apply(lcp_state *s, lcp_edit *e, struct lcp_ggml_tensor *t, const char *name) {
+    int32_t k = e->fired++;
+    int64_t rows;
+    if (!lcp_check_tensor(s, t, name, &rows)) {
+        return;
+    }
+    if (t->type != LCP_GGML_TYPE_F32) {
+        lcp_fail(s, "edit on %s: the tensor has ggml type %d; only F32 tensors can be edited", name,
+                 (int)t->type);
+        return;
+    }
+    if (t->ne[0] != e->width) {
+        lcp_fail(s, "edit on %s: the tensor has width %lld, the edit's values %lld", name,
+                 (long long)t->ne[0], (long long)e->width);
+        return;
+    }
+    if (e->n_rows != s->n_tokens) {
+        lcp_fail(s, "edit on %s has %lld rows for a batch of %lld tokens", name, (long long)e->n_rows,
+                 (long long)s->n_tokens);
+        return;
+    }
+    int64_t tok0, n_tok, n_out;
+    if (!lcp_ubatch(s, k, name, &tok0, &n_tok, &n_out)) {
+        return;
+    }
+    if (rows != n_tok && rows != n_out) {
+        lcp_fail(s, "edit on %s: %lld rows in ubatch %d; expected %lld (tokens) or %lld (outputs)", name,
+                 (long long)rows, (int)k, (long long)n_tok, (long long)n_out);
+        return;
+    }
+    size_t stride = t->nb[1];
+    size_t row_bytes = (size_t)e->width * sizeof(float);
+    /* One get/set per run of consecutive edited rows: rows left alone are
+     * never transferred, and a run costs one device sync on GPU. */
+    for (int64_t r = 0; r < rows;) {
+        if (e->rows[lcp_row_token(s, rows, r, tok0, n_tok)] < 0) {
+            r++;
+            continue;
+        }
+        int64_t r1 = r + 1;
+        while (r1 < rows && e->rows[lcp_row_token(s, rows, r1, tok0, n_tok)] >= 0) {
+            r1++;
+        }
+        size_t len = lcp_span_bytes(t, r, r1);
+        if (!lcp_grow((void **)&s->stage, &s->stage_cap, len)) {
+            lcp_fail(s, "out of memory staging %zu bytes", len);
+            return;
+        }
+        /* set needs no read unless padding between rows must be preserved */
+        if (e->mode == LCP_EDIT_ADD || (stride != row_bytes && r1 - r > 1)) {
+            s->api.tensor_get(t, s->stage, (size_t)r * stride, len);
+        }
+        for (int64_t j = r; j < r1; j++) {
+            float *x = (float *)(s->stage + (size_t)(j - r) * stride);
+            const float *v = e->values + (size_t)e->rows[lcp_row_token(s, rows, j, tok0, n_tok)] * (size_t)e->width;
+            if (e->mode == LCP_EDIT_ADD) {
+                for (int64_t c = 0; c < e->width; c++) {
+                    x[c] += v[c];
+                }
+            } else {
+                memcpy(x, v, row_bytes);
+            }
+        }
+        s->api.tensor_set(t, s->stage, (size_t)r * stride, len);
+        e->written += r1 - r;
+        r = r1;
     }
 }
 
@@ -354,15 +470,20 @@ static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
     }
     if (ask && s->tracing) {
         size_t len = strlen(name) + 1;
-        if (s->trace_len + len <= (1u << 22) && lcp_grow((void **)&s->trace, &s->trace_cap, s->trace_len + len)) {
+        if (s->trace_len + len <= LCP_TRACE_MAX && lcp_grow((void **)&s->trace, &s->trace_cap, s->trace_len + len)) {
             memcpy(s->trace + s->trace_len, name, len);
             s->trace_len += len;
+        } else {
+            s->trace_dropped++;
         }
     }
     int idx = lcp_find_site(s, name);
     int wanted = idx >= 0;
     for (int i = 0; i < s->n_patches && !wanted; i++) {
         wanted = strcmp(s->patches[i].src, name) == 0 || strcmp(s->patches[i].dst, name) == 0;
+    }
+    for (int i = 0; i < s->n_edits && !wanted; i++) {
+        wanted = strcmp(s->edits[i].name, name) == 0;
     }
     /* never while tracing: `lcprobe sites` must see every node */
     int stop = s->stop[0] != '\0' && !s->tracing && strcmp(s->stop, name) == 0;
@@ -376,8 +497,14 @@ static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
         }
         return true;
     }
-    /* Capture first, then patch: a captured site that is also a patch target
-     * reports what the layer computed, before the intervention. */
+    /* Edits first, so that the capture and everything downstream see them;
+     * then capture; then patches: a captured site that is also a patch
+     * target reports what the layer computed, before the patch. */
+    for (int i = 0; i < s->n_edits; i++) {
+        if (strcmp(s->edits[i].name, name) == 0) {
+            lcp_edit_apply(s, &s->edits[i], t, name);
+        }
+    }
     if (idx >= 0) {
         lcp_capture(s, idx, t, name);
     }
@@ -400,10 +527,19 @@ static bool lcp_cb_eval(struct lcp_ggml_tensor *t, bool ask, void *user_data) {
 /* ------------------------------------------------------------------------ */
 /* Python interface: a capsule owning the state, plus plain functions.       */
 
+static void lcp_free_edits(lcp_edit *edits, int n) {
+    for (int i = 0; i < n; i++) {
+        free(edits[i].values);
+        free(edits[i].rows);
+    }
+    free(edits);
+}
+
 static void lcp_free(lcp_state *s) {
     if (!s) {
         return;
     }
+    lcp_free_edits(s->edits, s->n_edits);
     free(s->sites);
     free(s->tok_dest);
     free(s->out_before);
@@ -425,6 +561,16 @@ static lcp_state *lcp_get(PyObject *cap) {
     return (lcp_state *)PyCapsule_GetPointer(cap, LCP_CAPSULE);
 }
 
+/* The thread contract (top of file): nothing the callback reads changes
+ * while a decode is armed. */
+static int lcp_idle(const lcp_state *s, const char *what) {
+    if (s->active) {
+        PyErr_Format(PyExc_RuntimeError, "%s: not allowed while a llama_decode is in progress", what);
+        return 0;
+    }
+    return 1;
+}
+
 static int lcp_name_ok(const char *name, Py_ssize_t len) {
     if (len <= 0 || len >= LCP_NAME_MAX) {
         PyErr_Format(PyExc_ValueError, "tensor name must have 1 to %d characters", LCP_NAME_MAX - 1);
@@ -433,29 +579,58 @@ static int lcp_name_ok(const char *name, Py_ssize_t len) {
     return 1;
 }
 
-PyDoc_STRVAR(new_doc, "new(get_name, nbytes, tensor_get, tensor_set, fp16_row, bf16_row) -> state\n\n"
-                      "Create a capture state from the addresses of ggml's exported functions.");
-static PyObject *py_new(PyObject *self, PyObject *args) {
-    unsigned long long a[6];
-    if (!PyArg_ParseTuple(args, "KKKKKK", &a[0], &a[1], &a[2], &a[3], &a[4], &a[5])) {
+/* Which ggml function goes where: bound by name, so the Python side cannot
+ * hand them over in the wrong order. */
+static const struct {
+    const char *name;
+    size_t offset;
+} lcp_api_names[] = {
+    {"ggml_get_name", offsetof(struct lcp_ggml_api, get_name)},
+    {"ggml_nbytes", offsetof(struct lcp_ggml_api, nbytes)},
+    {"ggml_backend_tensor_get", offsetof(struct lcp_ggml_api, tensor_get)},
+    {"ggml_backend_tensor_set", offsetof(struct lcp_ggml_api, tensor_set)},
+    {"ggml_fp16_to_fp32_row", offsetof(struct lcp_ggml_api, fp16_to_fp32_row)},
+    {"ggml_bf16_to_fp32_row", offsetof(struct lcp_ggml_api, bf16_to_fp32_row)},
+};
+
+/* Address of the ggml function `name` in the dict, or NULL with an exception set. */
+void *lcp_address(PyObject *dict, const char *name) {
+    PyObject *v = PyDict_GetItemString(dict, name); /* borrowed */
+    if (v == NULL) {
+        PyErr_Format(PyExc_ValueError, "the address of %s is missing", name);
         return NULL;
     }
-    for (int i = 0; i < 6; i++) {
-        if (a[i] == 0) {
-            PyErr_SetString(PyExc_ValueError, "a ggml function address is NULL");
+    void *p = PyLong_AsVoidPtr(v);
+    if (p == NULL && !PyErr_Occurred()) {
+        PyErr_Format(PyExc_ValueError, "the address of %s is NULL", name);
+    }
+    return p;
+}
+
+PyDoc_STRVAR(new_doc, "new(addresses: dict[str, int]) -> state\n\n"
+                      "Create a capture state from the addresses of ggml's exported functions, keyed by "
+                      "name: ggml_get_name, ggml_nbytes, ggml_backend_tensor_get, ggml_backend_tensor_set, "
+                      "ggml_fp16_to_fp32_row, ggml_bf16_to_fp32_row.");
+static PyObject *py_new(PyObject *self, PyObject *addrs) {
+    if (!PyDict_Check(addrs)) {
+        PyErr_SetString(PyExc_TypeError, "new() takes a dict of ggml function addresses");
+        return NULL;
+    }
+    struct lcp_ggml_api api;
+    for (size_t i = 0; i < sizeof(lcp_api_names) / sizeof(lcp_api_names[0]); i++) {
+        void *p = lcp_address(addrs, lcp_api_names[i].name);
+        if (p == NULL) {
             return NULL;
         }
+        /* a data pointer converted to a function pointer: fine on every
+         * platform CPython and ggml run on */
+        memcpy((char *)&api + lcp_api_names[i].offset, &p, sizeof(p));
     }
     lcp_state *s = (lcp_state *)calloc(1, sizeof(lcp_state));
     if (!s) {
         return PyErr_NoMemory();
     }
-    s->api.get_name = (lcp_fn_get_name)(uintptr_t)a[0];
-    s->api.nbytes = (lcp_fn_nbytes)(uintptr_t)a[1];
-    s->api.tensor_get = (lcp_fn_tensor_get)(uintptr_t)a[2];
-    s->api.tensor_set = (lcp_fn_tensor_set)(uintptr_t)a[3];
-    s->api.fp16_to_fp32_row = (lcp_fn_half_to_f32_row)(uintptr_t)a[4];
-    s->api.bf16_to_fp32_row = (lcp_fn_half_to_f32_row)(uintptr_t)a[5];
+    s->api = api;
     PyObject *cap = PyCapsule_New(s, LCP_CAPSULE, lcp_capsule_destructor);
     if (!cap) {
         lcp_free(s);
@@ -488,8 +663,7 @@ static PyObject *py_set_sites(PyObject *self, PyObject *args) {
     if (!s) {
         return NULL;
     }
-    if (s->active) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot change sites during a decode");
+    if (!lcp_idle(s, "set_sites")) {
         return NULL;
     }
     PyObject *fast = PySequence_Fast(seq, "sites must be a sequence of (name, width)");
@@ -540,8 +714,7 @@ static PyObject *py_set_patches(PyObject *self, PyObject *args) {
     if (!s) {
         return NULL;
     }
-    if (s->active) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot change patches during a decode");
+    if (!lcp_idle(s, "set_patches")) {
         return NULL;
     }
     PyObject *fast = PySequence_Fast(seq, "patches must be a sequence of (dst, src)");
@@ -580,6 +753,99 @@ static PyObject *py_set_patches(PyObject *self, PyObject *args) {
     return Py_NewRef(Py_None);
 }
 
+PyDoc_STRVAR(set_edits_doc,
+             "set_edits(state, [(node, mode, values, n_values, width, rows), ...])\n\n"
+             "Edits applied to node outputs in every following decode: mode 0 adds, 1 writes "
+             "values[rows[i]] (float32 bytes, n_values x width) into the row of batch token i "
+             "(rows: int32 bytes, one per batch token, -1 = leave alone). [] clears.");
+static PyObject *py_set_edits(PyObject *self, PyObject *args) {
+    PyObject *cap, *seq;
+    if (!PyArg_ParseTuple(args, "OO", &cap, &seq)) {
+        return NULL;
+    }
+    lcp_state *s = lcp_get(cap);
+    if (!s || !lcp_idle(s, "set_edits")) {
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(seq, "edits must be a sequence of tuples");
+    if (!fast) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    lcp_edit *edits = NULL;
+    Py_ssize_t made = 0;
+    if (n > LCP_MAX_EDITS) {
+        PyErr_Format(PyExc_ValueError, "at most %d edits", LCP_MAX_EDITS);
+        goto fail;
+    }
+    edits = n ? (lcp_edit *)calloc((size_t)n, sizeof(lcp_edit)) : NULL;
+    if (n && !edits) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (; made < n; made++) {
+        lcp_edit *e = &edits[made];
+        const char *name;
+        Py_ssize_t len;
+        int mode;
+        Py_buffer values, rows;
+        long long n_values, width;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, made), "s#iy*LLy*", &name, &len, &mode, &values,
+                              &n_values, &width, &rows)) {
+            goto fail;
+        }
+        int ok = 0;
+        if (!lcp_name_ok(name, len)) {
+            /* exception set */
+        } else if (mode != LCP_EDIT_ADD && mode != LCP_EDIT_SET) {
+            PyErr_Format(PyExc_ValueError, "edit on %s: unknown mode %d", name, mode);
+        } else if (n_values <= 0 || width <= 0 || (size_t)values.len != (size_t)n_values * (size_t)width * sizeof(float)) {
+            PyErr_Format(PyExc_ValueError, "edit on %s: %zd bytes of values for %lld x %lld floats", name,
+                         values.len, n_values, width);
+        } else if (rows.len % (Py_ssize_t)sizeof(int32_t) != 0) {
+            PyErr_Format(PyExc_ValueError, "edit on %s: rows must be int32", name);
+        } else {
+            memcpy(e->name, name, (size_t)len + 1);
+            e->mode = mode;
+            e->width = width;
+            e->n_values = n_values;
+            e->n_rows = rows.len / (Py_ssize_t)sizeof(int32_t);
+            e->values = (float *)malloc((size_t)values.len);
+            e->rows = (int32_t *)malloc((size_t)rows.len + 1);
+            if (!e->values || !e->rows) {
+                PyErr_NoMemory();
+            } else {
+                memcpy(e->values, values.buf, (size_t)values.len);
+                memcpy(e->rows, rows.buf, (size_t)rows.len);
+                ok = 1;
+                for (int64_t i = 0; i < e->n_rows; i++) {
+                    if (e->rows[i] < -1 || e->rows[i] >= n_values) {
+                        PyErr_Format(PyExc_ValueError, "edit on %s: row %lld selects value %d of %lld", name,
+                                     (long long)i, (int)e->rows[i], n_values);
+                        ok = 0;
+                        break;
+                    }
+                }
+            }
+        }
+        PyBuffer_Release(&values);
+        PyBuffer_Release(&rows);
+        if (!ok) {
+            made++; /* its buffers are freed with the rest */
+            goto fail;
+        }
+    }
+    Py_DECREF(fast);
+    lcp_free_edits(s->edits, s->n_edits);
+    s->edits = edits;
+    s->n_edits = (int)n;
+    return Py_NewRef(Py_None);
+fail:
+    lcp_free_edits(edits, (int)made);
+    Py_DECREF(fast);
+    return NULL;
+}
+
 PyDoc_STRVAR(begin_doc, "begin(state, outputs: bytes, n_ubatch: int, stop: str | None = None)\n\n"
                         "Arm the callback for one llama_decode: outputs[i] != 0 marks batch token "
                         "i as an output; its row is captured as row j (its output ordinal). With "
@@ -596,7 +862,7 @@ static PyObject *py_begin(PyObject *self, PyObject *args) {
     }
     lcp_state *s = lcp_get(cap);
     PyObject *ret = NULL;
-    if (!s) {
+    if (!s || !lcp_idle(s, "begin")) {
         goto done;
     }
     if (n_ubatch <= 0) {
@@ -607,6 +873,13 @@ static PyObject *py_begin(PyObject *self, PyObject *args) {
         goto done;
     }
     int64_t n = (int64_t)flags.len;
+    for (int i = 0; i < s->n_edits; i++) {
+        if (s->edits[i].n_rows != n) {
+            PyErr_Format(PyExc_ValueError, "edit on %s has %lld rows for a batch of %lld tokens", s->edits[i].name,
+                         (long long)s->edits[i].n_rows, (long long)n);
+            goto done;
+        }
+    }
     size_t need = (size_t)n + 1;
     if (need > s->plan_cap) {
         int32_t *a = (int32_t *)realloc(s->tok_dest, need * sizeof(int32_t));
@@ -661,6 +934,10 @@ static PyObject *py_begin(PyObject *self, PyObject *args) {
         s->patches[i].saved_bytes = 0;
         s->patches[i].saved_rows = 0;
     }
+    for (int i = 0; i < s->n_edits; i++) {
+        s->edits[i].fired = 0;
+        s->edits[i].written = 0;
+    }
     s->rows_len = total;
     s->n_tokens = n;
     s->n_ubatch = n_ubatch;
@@ -682,7 +959,8 @@ done:
     return ret;
 }
 
-PyDoc_STRVAR(end_doc, "end(state) -> (error or None, [(seen, copied) per site], [applied per patch], calls)\n\n"
+PyDoc_STRVAR(end_doc, "end(state) -> (error or None, [(seen, copied) per site], [applied per patch], "
+                      "[(applied, rows) per edit], calls)\n\n"
                       "Disarm the callback and report what happened during the decode.");
 static PyObject *py_end(PyObject *self, PyObject *cap) {
     lcp_state *s = lcp_get(cap);
@@ -692,20 +970,43 @@ static PyObject *py_end(PyObject *self, PyObject *cap) {
     s->active = 0;
     PyObject *sites = PyList_New(s->n_sites);
     PyObject *patches = PyList_New(s->n_patches);
-    if (!sites || !patches) {
-        Py_XDECREF(sites);
-        Py_XDECREF(patches);
-        return NULL;
+    PyObject *edits = PyList_New(s->n_edits);
+    PyObject *err = NULL;
+    if (!sites || !patches || !edits) {
+        goto fail;
     }
     for (int i = 0; i < s->n_sites; i++) {
-        PyList_SET_ITEM(sites, i, Py_BuildValue("(iL)", s->sites[i].seen, (long long)s->sites[i].copied));
+        PyObject *v = Py_BuildValue("(iL)", s->sites[i].seen, (long long)s->sites[i].copied);
+        if (!v) {
+            goto fail;
+        }
+        PyList_SET_ITEM(sites, i, v);
     }
     for (int i = 0; i < s->n_patches; i++) {
-        PyList_SET_ITEM(patches, i, PyLong_FromLong(s->patches[i].applied));
+        PyObject *v = PyLong_FromLong(s->patches[i].applied);
+        if (!v) {
+            goto fail;
+        }
+        PyList_SET_ITEM(patches, i, v);
     }
-    PyObject *err = s->has_err ? PyUnicode_DecodeUTF8(s->err, (Py_ssize_t)strlen(s->err), "replace")
-                               : Py_NewRef(Py_None);
-    return Py_BuildValue("(NNNL)", err, sites, patches, (long long)s->n_calls);
+    for (int i = 0; i < s->n_edits; i++) {
+        PyObject *v = Py_BuildValue("(iL)", s->edits[i].fired, (long long)s->edits[i].written);
+        if (!v) {
+            goto fail;
+        }
+        PyList_SET_ITEM(edits, i, v);
+    }
+    err = s->has_err ? PyUnicode_DecodeUTF8(s->err, (Py_ssize_t)strlen(s->err), "replace") : Py_NewRef(Py_None);
+    if (!err) {
+        goto fail;
+    }
+    /* N steals the references, also when building the tuple fails */
+    return Py_BuildValue("(NNNNL)", err, sites, patches, edits, (long long)s->n_calls);
+fail:
+    Py_XDECREF(sites);
+    Py_XDECREF(patches);
+    Py_XDECREF(edits);
+    return NULL;
 }
 
 PyDoc_STRVAR(read_doc, "read(state, out)\n\n"
@@ -718,7 +1019,7 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
         return NULL;
     }
     lcp_state *s = lcp_get(cap);
-    if (!s) {
+    if (!s || !lcp_idle(s, "read")) {
         PyBuffer_Release(&out);
         return NULL;
     }
@@ -735,9 +1036,9 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
     return Py_NewRef(Py_None);
 }
 
-PyDoc_STRVAR(trace_doc, "trace(state, on: bool) -> list[str]\n\n"
-                        "Return the node names offered since the last call (in graph order) and "
-                        "turn tracing on or off.");
+PyDoc_STRVAR(trace_doc, "trace(state, on: bool) -> (list[str], dropped: int)\n\n"
+                        "Return the node names offered since the last call (in graph order), how many "
+                        "names did not fit in the trace buffer, and turn tracing on or off.");
 static PyObject *py_trace(PyObject *self, PyObject *args) {
     PyObject *cap;
     int on;
@@ -745,7 +1046,7 @@ static PyObject *py_trace(PyObject *self, PyObject *args) {
         return NULL;
     }
     lcp_state *s = lcp_get(cap);
-    if (!s) {
+    if (!s || !lcp_idle(s, "trace")) {
         return NULL;
     }
     PyObject *out = PyList_New(0);
@@ -763,9 +1064,11 @@ static PyObject *py_trace(PyObject *self, PyObject *args) {
         Py_DECREF(name);
         at += len + 1;
     }
+    long long dropped = (long long)s->trace_dropped;
     s->trace_len = 0;
+    s->trace_dropped = 0;
     s->tracing = on;
-    return out;
+    return Py_BuildValue("(NL)", out, dropped);
 }
 
 /* native/ggml_lens.c */
@@ -774,15 +1077,16 @@ PyObject *lcp_lens_logits(PyObject *self, PyObject *args);
 
 static PyMethodDef lcp_methods[] = {
     {"lens_new", lcp_lens_new, METH_VARARGS,
-     "lens_new(addresses, head, head_type, n_embd, n_vocab) -> lens (see native/ggml_lens.c)"},
+     "lens_new(addresses: dict, head, head_type, n_embd, n_vocab) -> lens (see native/ggml_lens.c)"},
     {"lens_logits", lcp_lens_logits, METH_VARARGS,
      "lens_logits(lens, x, out, n_threads): out = x @ head.T with ggml's CPU kernels"},
     {"trace", py_trace, METH_VARARGS, trace_doc},
-    {"new", py_new, METH_VARARGS, new_doc},
+    {"new", py_new, METH_O, new_doc},
     {"callback_address", py_callback_address, METH_NOARGS, callback_address_doc},
     {"state_address", py_state_address, METH_O, state_address_doc},
     {"set_sites", py_set_sites, METH_VARARGS, set_sites_doc},
     {"set_patches", py_set_patches, METH_VARARGS, set_patches_doc},
+    {"set_edits", py_set_edits, METH_VARARGS, set_edits_doc},
     {"begin", py_begin, METH_VARARGS, begin_doc},
     {"end", py_end, METH_O, end_doc},
     {"read", py_read, METH_VARARGS, read_doc},

@@ -6,13 +6,16 @@
  * a dequantized head and reproduces llama.cpp's last-layer logits.
  *
  * Like capture.c, nothing here includes ggml headers: the functions come in
- * as addresses from Python, and every ggml context is sized up front so that
- * ggml's own out-of-memory assertion (an abort) cannot trigger.
+ * as addresses from Python, keyed by name, and every ggml context is sized up
+ * front so that ggml's own out-of-memory assertion (an abort) cannot trigger:
+ * the context holds exactly the input, the result and the graph, and the
+ * kernels' scratch space is what ggml_graph_plan asks for, allocated here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -32,7 +35,23 @@ typedef size_t (*fn_nbytes)(const void *);
 typedef void *(*fn_mul_mat)(void *, void *, void *);
 typedef void *(*fn_new_graph)(void *);
 typedef void (*fn_build_forward_expand)(void *, void *);
-typedef int (*fn_graph_compute_with_ctx)(void *, void *, int);
+/* struct ggml_cplan (ggml-cpu.h), returned by value from ggml_graph_plan.
+ * Only work_size and work_data are touched. The reserve keeps a future,
+ * longer struct from writing past ours: a struct this size is returned
+ * through a caller-provided buffer on every supported ABI. */
+struct lcp_cplan {
+    size_t work_size;
+    uint8_t *work_data;
+    int n_threads;
+    void *threadpool;
+    void *abort_callback;
+    void *abort_callback_data;
+    bool use_ref;
+    unsigned char reserve[128];
+};
+
+typedef struct lcp_cplan (*fn_graph_plan)(const void *, int, void *);
+typedef int (*fn_graph_compute)(void *, struct lcp_cplan *);
 typedef size_t (*fn_overhead)(void);
 typedef size_t (*fn_row_size)(int32_t, int64_t);
 
@@ -45,7 +64,8 @@ typedef struct {
     fn_mul_mat mul_mat;
     fn_new_graph new_graph;
     fn_build_forward_expand build_forward_expand;
-    fn_graph_compute_with_ctx compute;
+    fn_graph_plan plan;
+    fn_graph_compute compute;
     fn_overhead tensor_overhead;
     fn_overhead graph_overhead;
     fn_row_size row_size;
@@ -67,57 +87,59 @@ static void lens_destructor(PyObject *cap) {
     }
 }
 
+/* capture.c */
+void *lcp_address(PyObject *dict, const char *name);
+
+static const struct {
+    const char *name;
+    size_t offset;
+} lens_api_names[] = {
+    {"ggml_init", offsetof(lcp_lens, init)},
+    {"ggml_free", offsetof(lcp_lens, free)},
+    {"ggml_new_tensor_2d", offsetof(lcp_lens, new_tensor_2d)},
+    {"ggml_get_data", offsetof(lcp_lens, get_data)},
+    {"ggml_nbytes", offsetof(lcp_lens, nbytes)},
+    {"ggml_mul_mat", offsetof(lcp_lens, mul_mat)},
+    {"ggml_new_graph", offsetof(lcp_lens, new_graph)},
+    {"ggml_build_forward_expand", offsetof(lcp_lens, build_forward_expand)},
+    {"ggml_graph_plan", offsetof(lcp_lens, plan)},
+    {"ggml_graph_compute", offsetof(lcp_lens, compute)},
+    {"ggml_tensor_overhead", offsetof(lcp_lens, tensor_overhead)},
+    {"ggml_graph_overhead", offsetof(lcp_lens, graph_overhead)},
+    {"ggml_row_size", offsetof(lcp_lens, row_size)},
+};
+
 PyDoc_STRVAR(lens_new_doc,
-             "lens_new(addresses: tuple[int, ...], head: bytes-like, head_type: int, n_embd: int, "
-             "n_vocab: int) -> lens\n\nCopy the stored head into a ggml context. addresses are, in order: "
+             "lens_new(addresses: dict[str, int], head: bytes-like, head_type: int, n_embd: int, "
+             "n_vocab: int) -> lens\n\nCopy the stored head into a ggml context. addresses maps "
              "ggml_init, ggml_free, ggml_new_tensor_2d, ggml_get_data, ggml_nbytes, ggml_mul_mat, "
-             "ggml_new_graph, ggml_build_forward_expand, ggml_graph_compute_with_ctx, "
-             "ggml_tensor_overhead, ggml_graph_overhead, ggml_row_size.");
+             "ggml_new_graph, ggml_build_forward_expand, ggml_graph_plan, ggml_graph_compute, "
+             "ggml_tensor_overhead, ggml_graph_overhead and ggml_row_size to their addresses.");
 PyObject *lcp_lens_new(PyObject *self, PyObject *args) {
     PyObject *addrs;
     Py_buffer head;
     int head_type;
     long long n_embd, n_vocab;
-    if (!PyArg_ParseTuple(args, "O!y*iLL", &PyTuple_Type, &addrs, &head, &head_type, &n_embd, &n_vocab)) {
+    if (!PyArg_ParseTuple(args, "O!y*iLL", &PyDict_Type, &addrs, &head, &head_type, &n_embd, &n_vocab)) {
         return NULL;
     }
     PyObject *ret = NULL;
-    lcp_lens *l = NULL;
-    if (PyTuple_GET_SIZE(addrs) != 12) {
-        PyErr_SetString(PyExc_ValueError, "lens_new needs 12 function addresses");
+    lcp_lens *l = (lcp_lens *)calloc(1, sizeof(lcp_lens));
+    if (!l) {
+        PyErr_NoMemory();
         goto done;
     }
-    void *fn[12];
-    for (int i = 0; i < 12; i++) {
-        fn[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(addrs, i));
-        if (!fn[i]) {
-            if (!PyErr_Occurred()) {
-                PyErr_SetString(PyExc_ValueError, "a ggml function address is NULL");
-            }
+    for (size_t i = 0; i < sizeof(lens_api_names) / sizeof(lens_api_names[0]); i++) {
+        void *p = lcp_address(addrs, lens_api_names[i].name);
+        if (p == NULL) {
             goto done;
         }
+        memcpy((char *)l + lens_api_names[i].offset, &p, sizeof(p));
     }
     if (n_embd <= 0 || n_vocab <= 0) {
         PyErr_SetString(PyExc_ValueError, "n_embd and n_vocab must be positive");
         goto done;
     }
-    l = (lcp_lens *)calloc(1, sizeof(lcp_lens));
-    if (!l) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    l->init = (fn_init)fn[0];
-    l->free = (fn_free)fn[1];
-    l->new_tensor_2d = (fn_new_tensor_2d)fn[2];
-    l->get_data = (fn_get_data)fn[3];
-    l->nbytes = (fn_nbytes)fn[4];
-    l->mul_mat = (fn_mul_mat)fn[5];
-    l->new_graph = (fn_new_graph)fn[6];
-    l->build_forward_expand = (fn_build_forward_expand)fn[7];
-    l->compute = (fn_graph_compute_with_ctx)fn[8];
-    l->tensor_overhead = (fn_overhead)fn[9];
-    l->graph_overhead = (fn_overhead)fn[10];
-    l->row_size = (fn_row_size)fn[11];
     l->head_type = head_type;
     l->n_embd = n_embd;
     l->n_vocab = n_vocab;
@@ -185,10 +207,10 @@ PyObject *lcp_lens_logits(PyObject *self, PyObject *args) {
     if (n_threads < 1) {
         n_threads = 1;
     }
-    /* input + result + the activations converted to the head's dot type
-     * (never larger than float32) + per-thread padding + bookkeeping */
-    size_t mem = (size_t)x.len * 2 + out_bytes + 4 * l->tensor_overhead() + l->graph_overhead() +
-                 (size_t)n_threads * 256 + (1u << 20);
+    /* input and result (each padded to ggml's object alignment), their
+     * headers, the graph */
+    size_t mem = l->row_size(0 /* F32 */, l->n_embd) * (size_t)n + out_bytes + 2 * 64 + 2 * l->tensor_overhead() +
+                 l->graph_overhead();
     int status = 0;
     int ok = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -200,12 +222,18 @@ PyObject *lcp_lens_logits(PyObject *self, PyObject *args) {
         void *y = l->mul_mat(ctx, l->head, xt);
         void *gf = l->new_graph(ctx);
         l->build_forward_expand(gf, y);
-        status = l->compute(ctx, gf, n_threads);
-        if (status == 0) {
-            memcpy(out.buf, l->get_data(y), out_bytes);
+        struct lcp_cplan plan = l->plan(gf, n_threads, NULL);
+        void *work = plan.work_size ? malloc(plan.work_size) : NULL;
+        if (work || plan.work_size == 0) {
+            plan.work_data = (uint8_t *)work;
+            status = l->compute(gf, &plan);
+            if (status == 0) {
+                memcpy(out.buf, l->get_data(y), out_bytes);
+            }
+            free(work);
+            ok = 1;
         }
         l->free(ctx);
-        ok = 1;
     }
     Py_END_ALLOW_THREADS
     if (!ok) {

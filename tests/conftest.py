@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _catalog_model(name: str) -> Path:
-    from lcprobe.catalog import model_path
+    from lcprobe.files.catalog import model_path
 
     path = model_path(name)
     if not path.exists():
@@ -34,6 +34,13 @@ def smollm2() -> Path:
 @pytest.fixture(scope="session")
 def gemma3() -> Path:
     return _catalog_model("gemma3-270m")
+
+
+@pytest.fixture
+def paper_data_required() -> Path:
+    from paths import require_paper_data
+
+    return require_paper_data()
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +67,6 @@ def synth_q8(tmp_path_factory, synth_model):
 @pytest.fixture(autouse=True)
 def _llama_log(tmp_path_factory):
     # llama.cpp's log goes to a file, as in the CLI, so test output stays readable.
-    from lcprobe.engine import set_llama_log
+    from lcprobe.llama.engine import set_llama_log
 
     set_llama_log(tmp_path_factory.getbasetemp() / "llama.log")

@@ -21,11 +21,13 @@ import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 import gguf
+
+from lcprobe.files.gguf_writer import TensorOut, write_gguf
 
 # SentencePiece marks a preceding space with U+2581; llama.cpp's SPM tokenizer
 # replaces ' ' with it and prepends one to the text (add_space_prefix).
@@ -166,43 +168,73 @@ def _make_weights(spec: SynthSpec) -> dict[str, np.ndarray]:
     return w
 
 
+def padded_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """The synthetic vocabulary followed by filler tokens no text produces, ``n_vocab`` tokens in all."""
+    tokens, scores, types = (list(x) for x in build_vocab())
+    if n_vocab < len(tokens):
+        raise ValueError(f"n_vocab {n_vocab} < the synthetic vocabulary ({len(tokens)})")
+    extra = n_vocab - len(tokens)
+    return (tokens + [f"<filler{i}>" for i in range(extra)], scores + [-1e9] * extra,
+            types + [TOKEN_TYPE_NORMAL] * extra)
+
+
+def llama_tensor_shapes(spec: SynthSpec, n_vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Name and numpy shape of every tensor of an untied LLaMA of ``spec``'s shape, in file order."""
+    d, hd = spec.n_embd, spec.head_dim
+    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (n_vocab, d))]
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", (d,)), (p + "attn_q.weight", (spec.n_head * hd, d)),
+                (p + "attn_k.weight", (spec.n_head_kv * hd, d)), (p + "attn_v.weight", (spec.n_head_kv * hd, d)),
+                (p + "attn_output.weight", (d, spec.n_head * hd)), (p + "ffn_norm.weight", (d,)),
+                (p + "ffn_gate.weight", (spec.n_ff, d)), (p + "ffn_up.weight", (spec.n_ff, d)),
+                (p + "ffn_down.weight", (d, spec.n_ff))]
+    return out + [("output_norm.weight", (d,)), ("output.weight", (n_vocab, d))]
+
+
+def llama_metadata(spec: SynthSpec, name: str, file_type: gguf.LlamaFileType,
+                   vocab: tuple[Sequence[str], Sequence[float], Sequence[int]] | None = None,
+                   ) -> Callable[[gguf.GGUFWriter], None]:
+    """The key/values of a LLaMA GGUF of ``spec``'s shape, for :func:`write_gguf`.
+
+    The tokenizer is the synthetic vocabulary, or ``vocab`` (tokens, scores,
+    types) when given, e.g. padded to a larger size.
+    """
+    tokens, scores, types = vocab if vocab is not None else build_vocab()
+
+    def add(writer: gguf.GGUFWriter) -> None:
+        writer.add_name(name)
+        writer.add_file_type(int(file_type))
+        writer.add_block_count(spec.n_layer)
+        writer.add_context_length(spec.ctx)
+        writer.add_embedding_length(spec.n_embd)
+        writer.add_feed_forward_length(spec.n_ff)
+        writer.add_head_count(spec.n_head)
+        writer.add_head_count_kv(spec.n_head_kv)
+        writer.add_layer_norm_rms_eps(spec.eps)
+        writer.add_rope_freq_base(spec.rope_base)
+        # llama.cpp rejects LLaMA files whose n_rot differs from head_dim.
+        writer.add_rope_dimension_count(spec.head_dim)
+        writer.add_vocab_size(len(tokens))
+
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(list(tokens))
+        writer.add_token_scores(list(scores))
+        writer.add_token_types(list(types))
+        writer.add_unk_token_id(UNK_ID)
+        writer.add_bos_token_id(BOS_ID)
+        writer.add_eos_token_id(EOS_ID)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+
+    return add
+
+
 def write_llama_gguf(path: str | os.PathLike[str], spec: SynthSpec) -> dict[str, np.ndarray]:
     """Write a synthetic F32 LLaMA GGUF to `path` and return its weights as written."""
     weights = _make_weights(spec)
-    tokens, scores, types = build_vocab()
-
-    writer = gguf.GGUFWriter(str(path), spec.arch)
-    writer.add_name("lcprobe-synth")
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-    writer.add_block_count(spec.n_layer)
-    writer.add_context_length(spec.ctx)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_layer_norm_rms_eps(spec.eps)
-    writer.add_rope_freq_base(spec.rope_base)
-    # llama.cpp rejects LLaMA files whose n_rot differs from head_dim.
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_vocab_size(spec.n_vocab)
-
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(list(tokens))
-    writer.add_token_scores(list(scores))
-    writer.add_token_types(list(types))
-    writer.add_unk_token_id(UNK_ID)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-
-    for name, arr in weights.items():
-        writer.add_tensor(name, arr)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(path, spec.arch, llama_metadata(spec, "lcprobe-synth", gguf.LlamaFileType.ALL_F32),
+               [TensorOut.from_array(name, arr) for name, arr in weights.items()])
     return weights
 
 

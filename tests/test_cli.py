@@ -87,7 +87,8 @@ def test_check_lens_against_llama_logits(model_fixture, request, capsys):
     rc = main(["check", "-m", str(path), "-t", "2", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert rc == 0, result
-    assert result["argmax_agreement"] >= 0.99
+    assert result["decisive_argmax_agreement"] >= 0.99 and result["argmax_agreement"] >= 0.97
+    assert result["near_ties"] < 0.1 * result["n_tokens"]
     assert result["max_abs_diff"] < 1.0  # activation quantization in llama.cpp's head matmul
     assert result["n_tokens"] > 100
 

@@ -16,26 +16,25 @@ import math
 import numpy as np
 import pytest
 
-from lcprobe import metrics
+from lcprobe.analysis import metrics
 from lcprobe.cli import main
-from lcprobe.compare import (
-    CSV_COLUMNS,
+from lcprobe.studies.compare import (
     check_same_tokens,
     layer_map,
     paired_test,
     plan_models,
-    read_compare,
     representation_sums,
     run_compare,
     table_bins,
     verdict_line,
 )
 from lcprobe.errors import LcprobeError
-from lcprobe.lens import Lens, Unembed
-from lcprobe.quantize import plan_quantize, quantize_all
-from lcprobe.results import read_items
-from lcprobe.session import ProbeOptions
-from lcprobe.tasks import load_task
+from lcprobe.results.compare import CSV_COLUMNS, read_compare
+from lcprobe.analysis.lens import Lens, Unembed
+from lcprobe.studies.quantize import plan_quantize, quantize_all
+from lcprobe.results.run import read_items
+from lcprobe.probing.session import ProbeOptions
+from lcprobe.tasks.task import load_task
 
 LAYER_KEYS = {"layer", "metric", "delta", "mcnemar_p", "flips_gained", "flips_lost", "kl", "cosine", "rel_l2", "top1"}
 
@@ -329,7 +328,7 @@ def test_tokenizer_mismatch_through_the_cli(smollm2, gemma3, tmp_path, capsys):
 
 def test_figures_of_a_comparison(synth_pair, tmp_path):
     pytest.importorskip("matplotlib")
-    from lcprobe.compare_figures import draw_compare
+    from lcprobe.report.compare_figures import draw_compare
 
     deep, shallow = synth_pair
     same = tmp_path / "same"

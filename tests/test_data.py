@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import os
 import re
 import shutil
 import threading
@@ -12,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from lcprobe import data
+from lcprobe.files import datafiles as data
 from lcprobe.cli import main
 from lcprobe.errors import LcprobeError
+from paths import paper_data, require_paper_data
 
-SHARED = Path(os.environ.get("LCPROBE_DATA")
-              or Path(__file__).resolve().parents[2] / "shared" / "data" / "llama_analysis")
+SHARED = paper_data()
 
 
 def _blob(n: int) -> bytes:
@@ -78,6 +77,12 @@ class _Server:
         self.thread.join(timeout=5)
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch):
+    # the digest cache of these throw-away files stays out of the user's cache
+    monkeypatch.setenv("LCPROBE_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def served(tmp_path: Path):
     src = tmp_path / "server"
@@ -90,8 +95,7 @@ def served(tmp_path: Path):
 
 
 def test_pinned_digests_match_the_shared_copy():
-    if not (SHARED / "gsm8k_cal_mc.json").is_file():
-        pytest.skip(f"no shared data at {SHARED}")
+    require_paper_data()
     states = data.status(SHARED)
     assert [s.file.name for s in states] == [f.name for f in data.FILES]
     assert all(s.state == "ok" for s in states), [(s.file.name, s.state) for s in states]
@@ -99,8 +103,7 @@ def test_pinned_digests_match_the_shared_copy():
 
 
 def test_pull_into_a_complete_directory_writes_nothing(capsys):
-    if not (SHARED / "gsm8k_cal_mc.json").is_file():
-        pytest.skip(f"no shared data at {SHARED}")
+    require_paper_data()
     before = {p.name: p.stat().st_mtime_ns for p in SHARED.iterdir()}
     # an unreachable URL proves no request is made
     out = data.pull(SHARED, base_url="http://127.0.0.1:9/none/")
@@ -124,6 +127,25 @@ def test_download_verifies_and_is_idempotent(tmp_path: Path, served):
     for name, payload in payloads.items():
         assert (dest / name).read_bytes() == payload
     assert not list(dest.glob("*.part"))
+
+
+def test_verified_files_are_not_hashed_again(tmp_path: Path, served, monkeypatch):
+    from lcprobe.files import download
+
+    src, files, payloads = served
+    dest = tmp_path / "dest"
+    with _Server(src) as srv:
+        data.pull(dest, base_url=srv.url, files=files)
+    assert sorted(p.name for p in dest.iterdir()) == ["a.json", "b.tsv"]  # the digests live in the cache
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("hashed a file whose digest is cached")
+
+    monkeypatch.setattr(download, "sha256_file", no_hashing)
+    assert [data.file_state(f, dest).state for f in files] == ["ok", "ok"]
+    (dest / "b.tsv").write_bytes(b"x" * len(payloads["b.tsv"]))  # a new version of the file is hashed
+    with pytest.raises(AssertionError, match="hashed"):
+        data.file_state(files[1], dest)
 
 
 def test_resume_sends_a_range_request(tmp_path: Path, served):
@@ -191,8 +213,7 @@ def test_http_error_is_one_line(tmp_path: Path, served):
 
 
 def test_cli_pull_list_and_path(tmp_path: Path, monkeypatch, capsys):
-    if not (SHARED / "gsm8k_cal_mc.json").is_file():
-        pytest.skip(f"no shared data at {SHARED}")
+    require_paper_data()
     # a server holding the real files, so the real FILES table is exercised end to end
     src = tmp_path / "server"
     shutil.copytree(SHARED, src)
@@ -207,6 +228,6 @@ def test_cli_pull_list_and_path(tmp_path: Path, monkeypatch, capsys):
     assert "fetched 8 file(s)" in capsys.readouterr().out
     assert all(s.state == "ok" for s in data.status(dest))
     # the tasks now find their data there
-    from lcprobe.tasks import load_task
+    from lcprobe.tasks.task import load_task
 
     assert Path(load_task("reclor").data).parent == dest.resolve()

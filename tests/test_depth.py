@@ -1,4 +1,4 @@
-"""Residual-stream analyses (lcprobe.depth, lcprobe.corpus, ``lcprobe depth``).
+"""Residual-stream analyses (lcprobe.studies.depth, lcprobe.tasks.corpus, ``lcprobe depth``).
 
 Ground truth: the synthetic LLaMA's numpy reference forward (sublayer
 outputs), a copy of the GGUF with a block removed (layer skipping), a fresh
@@ -14,17 +14,18 @@ import json
 import numpy as np
 import pytest
 
-from lcprobe import depth
+from lcprobe.studies import depth
 from lcprobe.cli import main
-from lcprobe.corpus import default_documents, find_data_dir, interleave, text_documents, token_windows
-from lcprobe.engine import Engine, EngineConfig
+from lcprobe.tasks.corpus import default_documents, find_data_dir, interleave, text_documents, token_windows
+from lcprobe.llama.engine import Engine, EngineConfig
 from lcprobe.errors import LcprobeError
-from lcprobe.lens import Lens, Unembed
-from lcprobe.modelfile import read_model_info
+from lcprobe.analysis.lens import Lens, Unembed
+from lcprobe.files.modelfile import read_model_info
 
 from synth import reference_forward
+from paths import paper_data
 
-DATA = "/work/shared/data/llama_analysis"
+DATA = str(paper_data())
 
 TEXT = (
     "What is the capital of France? The capital of France is Paris.\n\n"

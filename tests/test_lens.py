@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lcprobe.lens import Lens, Unembed
-from lcprobe.modelfile import read_model_info
+from lcprobe.analysis.lens import Lens, Unembed, kl_rows, log_softmax, logsumexp
+from lcprobe.files.modelfile import read_model_info
 
 from synth import reference_forward
 
@@ -14,6 +14,23 @@ from synth import reference_forward
 def _ref_log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_log_softmax_and_kl_rows_match_float64_maths():
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((5, 1000)) * 8).astype(np.float32)
+    z[0] -= 2000.0  # far from 0: the max shift must keep exp from underflowing
+    want = _ref_log_softmax(z.astype(np.float64))
+    np.testing.assert_allclose(log_softmax(z), want, atol=1e-4)
+    np.testing.assert_allclose(logsumexp(z.copy(), scratch=True), logsumexp(z), rtol=0, atol=0)
+    inplace = z.copy()
+    assert log_softmax(inplace, out=inplace) is inplace
+    q = _ref_log_softmax((z + rng.standard_normal(z.shape)).astype(np.float64))
+    want_kl = (np.exp(want) * (want - q)).sum(-1)
+    lp, lq = log_softmax(z), q.astype(np.float32)
+    np.testing.assert_allclose(kl_rows(lp, lq), want_kl, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(kl_rows(lp, lq, p=np.exp(lp)), kl_rows(lp, lq))
+    assert np.all(kl_rows(lp, lp) == 0.0)  # identical distributions: exactly 0
 
 
 def test_final_norm_lens_matches_reference(synth_model):

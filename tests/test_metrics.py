@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from lcprobe import metrics
-from lcprobe.metrics import (
+from lcprobe.analysis import metrics
+from lcprobe.analysis.metrics import (
     METRICS,
     aggregate,
     best_layer,

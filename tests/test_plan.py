@@ -20,7 +20,7 @@ import pytest
 
 from lcprobe.cli import main
 from lcprobe.errors import LcprobeError
-from lcprobe.plan import check_fits, make_plan, read_shape
+from lcprobe.files.plan import check_fits, make_plan, read_shape
 
 Q = gguf.GGMLQuantizationType
 GB = 10**9
@@ -182,22 +182,24 @@ def test_budget_that_cannot_fit_is_refused(llama70b):
     assert not any("lens-backend ggml" in n for n in plan.notes)  # 1.05 GB is under 10% of 16 GB
     tiny = make_plan(llama70b, 0, n_ctx=2048, n_batch=512, ram_bytes=8 * GB, vram_bytes=0)
     assert any("lens-backend ggml" in n for n in tiny.notes)
-    # the ggml lens reads the stored head from the mapped file: no float32 copy planned
+    # the ggml lens keeps a copy of the head as stored (Q6_K here), not a float32 one
     ggml = make_plan(llama70b, 0, n_ctx=2048, n_batch=512, ram_bytes=8 * GB, vram_bytes=0, lens_backend="ggml")
-    assert ggml.lens_head == 0 and ggml.ram_need == tiny.ram_need - tiny.lens_head
+    q6_head = _nbytes(Q.Q6_K, N_VOCAB * N_EMBD)
+    assert ggml.lens_head == q6_head and ggml.ram_need == tiny.ram_need - tiny.lens_head + q6_head
+    assert not any("lens-backend ggml" in n for n in ggml.notes)
 
 
 def test_run_refuses_a_model_that_does_not_fit_before_loading(smollm2, tmp_path, monkeypatch, capsys):
     """`lcprobe run` checks the plan first: a refusal names the numbers and loads nothing."""
-    import lcprobe.engine
-    import lcprobe.plan
+    import lcprobe.llama.engine
+    import lcprobe.files.plan
 
-    monkeypatch.setattr(lcprobe.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))
+    monkeypatch.setattr(lcprobe.files.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded although the plan does not fit")
 
-    monkeypatch.setattr(lcprobe.engine.Engine, "__init__", no_load)
+    monkeypatch.setattr(lcprobe.llama.engine.Engine, "__init__", no_load)
     out = tmp_path / "run"
     assert main(["run", "-m", str(smollm2), "-T", "calc", "--limit", "2", "-o", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
@@ -213,15 +215,16 @@ def test_run_refuses_a_model_that_does_not_fit_before_loading(smollm2, tmp_path,
 
 
 def test_memory_check_can_be_skipped(smollm2, monkeypatch):
-    import lcprobe.plan
-    from lcprobe.session import ProbeOptions, memory_plan, open_model
-    from lcprobe.modelfile import read_model_info
+    import lcprobe.files.plan
+    from lcprobe.llama.loader import memory_plan, open_model
+    from lcprobe.probing.session import ProbeOptions
+    from lcprobe.files.modelfile import read_model_info
 
     info = read_model_info(smollm2)
     plan = memory_plan(info, ProbeOptions().engine_config(), info.n_layer)
     # SmolLM2 on this machine: model + f32 head + llama.cpp buffers, well under 2 GB
     assert plan.fits and plan.vram_need == 0 and 300e6 < plan.ram_need < 2e9
-    monkeypatch.setattr(lcprobe.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))
+    monkeypatch.setattr(lcprobe.files.plan, "machine_ram", lambda: (200 * 2**20, 100 * 2**20))
     with pytest.raises(LcprobeError, match="does not fit"):
         open_model(smollm2, ProbeOptions())
     with open_model(smollm2, ProbeOptions(memory_check=False, n_ctx=256)) as model:
@@ -237,14 +240,15 @@ def test_cli_plan_json_and_exit_code(llama70b, capsys):
     assert main(["plan", "-m", str(llama70b), "-ngl", "99", "-c", "4096", "--ram", "64", "--vram", "48",
                  "--unified", "--json", "--lens-backend", "ggml"]) == 0
     ggml = json.loads(capsys.readouterr().out)
-    assert ggml["lens_head"] == 0 and ggml["ram_need"] == data["ram_need"] - data["lens_head"]
+    q6_head = _nbytes(Q.Q6_K, N_VOCAB * N_EMBD)
+    assert ggml["lens_head"] == q6_head and ggml["ram_need"] == data["ram_need"] - data["lens_head"] + q6_head
     assert main(["plan", "-m", str(llama70b), "--ram", "16", "--vram", "0"]) == 1
     out = capsys.readouterr().out
     assert "does not fit" in out and "weights" in out and "KV cache" in out
 
 
 def test_tied_head_is_copied_to_the_gpu(smollm2):
-    from lcprobe.modelfile import open_reader
+    from lcprobe.files.modelfile import open_reader
 
     total = sum(int(t.n_bytes) for t in open_reader(smollm2).tensors)
     embd = next(int(t.n_bytes) for t in open_reader(smollm2).tensors if t.name == "token_embd.weight")
@@ -270,8 +274,8 @@ def _llama_log_sizes(log: Path) -> dict[str, float]:
 def test_kv_and_compute_match_llama_cpp(tmp_path, n_ctx, n_ubatch, fa):
     from synth import SynthSpec, write_llama_gguf
 
-    from lcprobe.engine import Engine, EngineConfig, set_llama_log
-    from lcprobe.modelfile import read_model_info
+    from lcprobe.llama.engine import Engine, EngineConfig, set_llama_log
+    from lcprobe.files.modelfile import read_model_info
 
     path = tmp_path / "m.gguf"
     write_llama_gguf(path, SynthSpec(n_layer=2, n_embd=128, n_head=8, n_head_kv=2, n_ff=256, ctx=8192))

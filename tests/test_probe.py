@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lcprobe.batching import build_unit, encode_item, split_context
-from lcprobe.capture import Site
-from lcprobe.engine import Engine, EngineConfig
+from lcprobe.probing.batching import build_unit, encode_item, split_context
+from lcprobe.llama.engine import Engine, EngineConfig
 from lcprobe.errors import LcprobeError, PromptTooLongError
-from lcprobe.lens import Lens, Unembed
-from lcprobe.modelfile import read_model_info
-from lcprobe.runner import Prober, parse_layers
-from lcprobe.tasks import Item
+from lcprobe.analysis.lens import Lens, Unembed
+from lcprobe.files.modelfile import read_model_info
+from lcprobe.probing.runner import Prober, parse_layers
+from lcprobe.tasks.task import Item
+from naive import naive_scores
 
 PREFIX = "Answer with the number only.\n\nQ: What is 3 + 4?\nA: 7\n\nQ: What is 10 + 5?\nA: 15\n\n"
 
@@ -25,22 +25,6 @@ def _items() -> list[Item]:
           ("100 + 1", ["101", "110", "1001", "11"], 0)]
     return [Item(id=str(i), context=PREFIX + f"Q: What is {q}?\nA:", choices=tuple(" " + c for c in cs),
                  correct=(k,), meta={}) for i, (q, cs, k) in enumerate(qs)]
-
-
-def naive_scores(engine: Engine, lens: Lens, item: Item, layers: list[int]) -> np.ndarray:
-    tok = lambda t, s: engine.tokenize(t, add_special=s)  # noqa: E731
-    req = encode_item(0, item, tok)
-    info = engine.info
-    engine.set_sites([Site(info.site_name("resid_post", layer), info.n_embd) for layer in layers])
-    out = []
-    for cont in req.continuations:
-        seq = list(req.context) + list(cont)
-        outputs = np.zeros(len(seq), bool)
-        outputs[len(req.context) - 1 : len(seq) - 1] = True
-        rows, _ = engine.decode_sequence(seq, outputs)
-        targets = [np.array([t]) for t in cont]
-        out.append(lens.token_log_probs(rows, layers, targets).sum(axis=1))
-    return np.array(out)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +45,7 @@ def test_batched_equals_naive(smol_setup):
     batched = [r for group in prober.run(items) for r in group]
     assert [r.id for r in batched] == [it.id for it in items]
     for item, res in zip(items, batched):
-        ref = naive_scores(eng, lens, item, layers)
+        ref = naive_scores(eng, lens, [item], layers).scores[0]
         # llama.cpp is not bit-identical across batch shapes; Q4 activations
         # move log-probs by ~1e-3. Winners must agree exactly.
         np.testing.assert_allclose(res.scores, ref, atol=0.05, rtol=0)
@@ -75,7 +59,7 @@ def test_split_context_moves_trailing_space():
 
 def test_trie_shares_prefix_tokens():
     item = Item(id="x", context="ctx", choices=("a", "b", "c"), correct=(0,), meta={})
-    from lcprobe.batching import Request
+    from lcprobe.probing.batching import Request
 
     req = Request(0, item, (1, 2, 3), ((10, 11, 12), (10, 11, 13), (20,)))
     unit = build_unit(req, [0, 1, 2], prefix_len=1)
@@ -137,7 +121,7 @@ def test_bos_follows_the_model(smol_setup, gemma3):
 
 
 def test_choices_split_when_the_trie_does_not_fit():
-    from lcprobe.batching import Request, build_units
+    from lcprobe.probing.batching import Request, build_units
 
     item = Item(id="x", context="c", choices=("a", "b", "c"), correct=(0,), meta={})
     req = Request(0, item, (1, 2, 3, 4), ((10, 11, 12), (20, 21, 22), (30, 31, 32)))

@@ -15,7 +15,7 @@ import pytest
 
 from lcprobe.cli import main
 from lcprobe.errors import LcprobeError
-from lcprobe.quantize import (
+from lcprobe.studies.quantize import (
     QUANT_TYPES,
     QuantizeError,
     base_stem,

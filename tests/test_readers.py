@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from lcprobe.errors import TaskError
-from lcprobe.readers import read_records, reader_names
+from lcprobe.tasks.readers import read_records, reader_names
+from paths import paper_data
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
-REAL_DATA = Path(os.environ.get("LCPROBE_DATA", "/work/shared/data/llama_analysis"))
-needs_real_data = pytest.mark.skipif(
-    not (REAL_DATA / "gsm8k_cal_mc.json").is_file(),
-    reason=f"paper data not found in {REAL_DATA} (set LCPROBE_DATA)",
-)
+REAL_DATA = paper_data()
+# skipped without the data, failed under `make test` (see tests/paths.py)
+needs_real_data = pytest.mark.usefixtures("paper_data_required")
 
 
 def test_reader_names():
-    assert reader_names() == ["jsonl", "mlama_tsv", "reclor_json", "truthfulqa_csv"]
+    assert reader_names() == ["jsonl", "mlama_tsv", "pairs_tsv", "reclor_json", "truthfulqa_csv"]
+
+
+def test_pairs_tsv_draws_distractors_from_other_rows(tmp_path):
+    rows = ["question\tanswer", "France\tParis", "Italy\tRome", "Spain\tMadrid", "Japan\tTokyo", "Peru\tLima"]
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    recs = read_records("pairs_tsv", path, "choices")
+    assert [r["question"] for r in recs] == ["France", "Italy", "Spain", "Japan", "Peru"]
+    answers = {"France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Peru": "Lima"}
+    for r in recs:
+        assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+        assert r["choices"][r["answer"][0]] == answers[r["question"]]
+        assert set(r["choices"]) <= set(answers.values())
+    # the items depend on the table only: reading again gives the same choices and slots
+    assert read_records("pairs_tsv", path, "choices") == recs
+    # a different slot for different rows (not always the first choice)
+    assert len({r["answer"][0] for r in recs}) > 1
+    path.write_text("question\tanswer\nFrance\tParis\nItaly\tRome\n")
+    with pytest.raises(TaskError, match="distinct answers"):
+        read_records("pairs_tsv", path, "choices")
 
 
 # --- fixtures -----------------------------------------------------------------

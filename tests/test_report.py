@@ -1,5 +1,5 @@
 """lcprobe report: figures and report.md from saved results (fabricated here with the
-real writers of lcprobe.results / lcprobe.suite, so the files have the real format)."""
+real writers of lcprobe.results.run / lcprobe.studies.suite, so the files have the real format)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ pytest.importorskip("matplotlib")
 
 from lcprobe.cli import main  # noqa: E402
 from lcprobe.errors import LcprobeError  # noqa: E402
-from lcprobe.report import calc_grid, chance_levels, find_runs, make_report  # noqa: E402
-from lcprobe.results import breakdown, write_summary  # noqa: E402
-from lcprobe.suite import task_entry, write_suite  # noqa: E402
+from lcprobe.report.make import calc_grid, chance_levels, find_runs, make_report  # noqa: E402
+from lcprobe.results.run import breakdown, write_summary  # noqa: E402
+from lcprobe.results.suite import write_suite  # noqa: E402
+from lcprobe.studies.suite import task_entry  # noqa: E402
 
 OPS = ("add", "sub", "mul", "div")
 
@@ -101,7 +102,7 @@ def test_suite_report_draws_every_figure(fake_suite: Path):
 def test_runs_follow_suite_order_and_values_match_items(fake_suite: Path):
     runs = find_runs(fake_suite)
     assert [(r.model, r.task) for r in runs] == [(m, t) for m in ("small", "deep") for t, _ in TASKS]
-    from lcprobe.report import recompute
+    from lcprobe.report.make import recompute
 
     for r in runs:
         np.testing.assert_allclose(recompute(r)[r.metric], r.values[r.metric], atol=1e-6)
@@ -186,9 +187,9 @@ def test_compare_and_depth_dirs_go_to_their_modules(tmp_path: Path, monkeypatch)
             return [out]
         return f
 
-    monkeypatch.setitem(sys.modules, "lcprobe.compare_figures", _fake_module("lcprobe.compare_figures",
+    monkeypatch.setitem(sys.modules, "lcprobe.report.compare_figures", _fake_module("lcprobe.report.compare_figures",
                                                                                draw_compare=draw("compare")))
-    monkeypatch.setitem(sys.modules, "lcprobe.depth_figures", _fake_module("lcprobe.depth_figures",
+    monkeypatch.setitem(sys.modules, "lcprobe.report.depth_figures", _fake_module("lcprobe.report.depth_figures",
                                                                              draw_depth=draw("depth")))
     (tmp_path / "compare.json").write_text("{}")
     (tmp_path / "skip.json").write_text("{}")

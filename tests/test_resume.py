@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lcprobe.results import read_items
+from lcprobe.results.run import read_items
 
 pytestmark = pytest.mark.slow
 

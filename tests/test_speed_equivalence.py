@@ -11,20 +11,20 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lcprobe.batching import encode_item
-from lcprobe.capture import Site
-from lcprobe.engine import Engine, EngineConfig
-from lcprobe.lens import Lens, Unembed
-from lcprobe.modelfile import read_model_info
-from lcprobe.runner import ProbeStats, Prober
-from lcprobe.tasks import Item, load_task
+from lcprobe.probing.batching import encode_item
+from lcprobe.llama.engine import Engine, EngineConfig
+from lcprobe.analysis.lens import Lens, Unembed
+from lcprobe.files.modelfile import read_model_info
+from lcprobe.probing.runner import ProbeStats, Prober
+from lcprobe.tasks.task import Item, load_task
+from naive import naive_scores
+from paths import paper_data
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llama_analysis"
+SHARED_DATA = paper_data()
 
 
 def unique_counts(engine: Engine, items: list[Item]) -> tuple[int, int, int]:
@@ -87,21 +87,6 @@ def _synth_items() -> list[Item]:
                  correct=(k,), meta={}) for i, (q, cs, k) in enumerate(qs)]
 
 
-def _one_at_a_time(eng: Engine, lens: Lens, item: Item, layers: list[int]) -> np.ndarray:
-    tok = lambda t, s: eng.tokenize(t, add_special=s)  # noqa: E731
-    req = encode_item(0, item, tok)
-    info = eng.info
-    eng.set_sites([Site(info.site_name("resid_post", layer), info.n_embd) for layer in layers])
-    out = []
-    for cont in req.continuations:
-        seq = list(req.context) + list(cont)
-        outputs = np.zeros(len(seq), bool)
-        outputs[len(req.context) - 1 : len(seq) - 1] = True
-        rows, _ = eng.decode_sequence(seq, outputs)
-        out.append(lens.token_log_probs(rows, layers, [np.array([t]) for t in cont]).sum(axis=1))
-    return np.array(out)
-
-
 # float32 accumulation order differs between batch shapes (matmul tiles, the
 # KV cells attended over): measured up to 2e-6 absolute (1e-7 relative) on
 # summed log-probs of magnitude ~10; the bound leaves a 50x margin.
@@ -123,7 +108,7 @@ def test_batched_equals_unbatched_on_synthetic_model(synth_model, n_batch, n_uba
         batched = [r for g in Prober(eng, lens, layers).run(items, stats=stats) for r in g]
         _, unique, rows = unique_counts(eng, items)
     with Engine(info, EngineConfig(n_batch=512, n_ubatch=512, n_seq_max=1, **exact)) as eng:
-        refs = [_one_at_a_time(eng, lens, it, layers) for it in items]
+        refs = naive_scores(eng, lens, items, layers).scores
     if n_seq_max > 4:
         assert stats.tokens_decoded == unique and stats.lens_rows == rows
     else:  # items split over two sets of sequences decode their context twice
@@ -158,7 +143,7 @@ def test_batched_equals_unbatched_on_smollm2_dequantized(smollm2, tmp_path_facto
     with Engine(info, EngineConfig(n_seq_max=32, **exact)) as eng:
         batched = [r for g in Prober(eng, lens, layers).run(items) for r in g]
     with Engine(info, EngineConfig(n_seq_max=1, **exact)) as eng:
-        refs = [_one_at_a_time(eng, lens, it, layers) for it in items]
+        refs = naive_scores(eng, lens, items, layers).scores
     for res, ref in zip(batched, refs):
         np.testing.assert_allclose(res.scores, ref, atol=1e-3, rtol=0)
         np.testing.assert_array_equal(res.scores.argmax(0), ref.argmax(0))

@@ -17,20 +17,21 @@ import numpy as np
 import pytest
 
 from lcprobe.cli import main
+from paths import paper_data
 from lcprobe.errors import LcprobeError
-from lcprobe.results import layer_metrics, read_items
-from lcprobe.session import ProbeOptions
-from lcprobe.suite import (
+from lcprobe.results.run import layer_metrics, read_items
+from lcprobe.results.suite import read_suite
+from lcprobe.probing.session import ProbeOptions
+from lcprobe.probing.progress import StudyListener
+from lcprobe.studies.suite import (
     DEFAULT_TASKS,
-    SuiteListener,
     load_tasks,
     parse_task_list,
     plan_models,
-    read_suite,
     run_suite,
 )
 
-DATA = os.environ.get("LCPROBE_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "llama_analysis")
+DATA = str(paper_data())
 needs_data = pytest.mark.skipif(not Path(DATA, "mlama_short.tsv").is_file(), reason=f"no paper data at {DATA}")
 
 
@@ -142,7 +143,7 @@ def test_a_failing_task_does_not_stop_the_others(tmp_path, capsys, synth_pair):
     assert len(read_items(out / "synth-a" / "calc" / "items.jsonl")) == 4
 
 
-class _StopAfterFirstGroup(SuiteListener):
+class _StopAfterFirstGroup(StudyListener):
     def __init__(self) -> None:
         self.stop = False
         self.loaded: list[str] = []
@@ -193,18 +194,18 @@ def test_stop_and_resume_equal_an_uninterrupted_suite(tmp_path, synth_pair):
 
 def test_ctrl_c_exits_130_and_the_printed_command_resumes(tmp_path, capsys, monkeypatch, synth_pair):
     """SIGINT during the first task: exit 130, a resume command that works, identical items."""
-    from lcprobe.commands import suite as suite_cmd
+    from lcprobe.cli.display import StudyDisplay
 
-    original = suite_cmd.SuiteDisplay.task_progress
+    original = StudyDisplay.task_progress
     sent = []
 
     def progress_then_ctrl_c(self, stats, best):
         original(self, stats, best)
         if stats.items_done > 0 and not sent:
             sent.append(True)
-            os.kill(os.getpid(), signal.SIGINT)  # handled by lcprobe.cli.Interrupt
+            os.kill(os.getpid(), signal.SIGINT)  # handled by lcprobe.cli.main.Interrupt
 
-    monkeypatch.setattr(suite_cmd.SuiteDisplay, "task_progress", progress_then_ctrl_c)
+    monkeypatch.setattr(StudyDisplay, "task_progress", progress_then_ctrl_c)
     out = tmp_path / "s"
     def argv(d: Path) -> list[str]:
         return ["suite", "-m", str(synth_pair[0]), "-T", "calc", "--limit", "20", "-o", str(d), *FAST]
@@ -217,7 +218,7 @@ def test_ctrl_c_exits_130_and_the_printed_command_resumes(tmp_path, capsys, monk
     n_partial = len(read_items(out / "synth-a" / "calc" / "items.jsonl"))
     assert 0 < n_partial < 20
 
-    monkeypatch.setattr(suite_cmd.SuiteDisplay, "task_progress", original)
+    monkeypatch.setattr(StudyDisplay, "task_progress", original)
     assert main(command[1:]) == 0
     assert main(argv(tmp_path / "ref")) == 0
     assert (out / "synth-a" / "calc" / "items.jsonl").read_bytes() == \

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,15 +10,14 @@ import pytest
 import yaml
 
 from lcprobe.errors import TaskError
-from lcprobe.tasks import Item, Task, builtin_names, builtin_tasks, load_task, tasks_dir
+from lcprobe.tasks.task import Item, Task, builtin_names, builtin_tasks, load_task, tasks_dir
+from paths import paper_data
 
 FIX = Path(__file__).parent / "fixtures" / "tasks"
 REPO_TASKS = Path(__file__).resolve().parent.parent / "tasks"
-REAL_DATA = Path(os.environ.get("LCPROBE_DATA", "/work/shared/data/llama_analysis"))
-needs_real_data = pytest.mark.skipif(
-    not (REAL_DATA / "gsm8k_cal_mc.json").is_file(),
-    reason=f"paper data not found in {REAL_DATA} (set LCPROBE_DATA)",
-)
+REAL_DATA = paper_data()
+# skipped without the data, failed under `make test` (see tests/paths.py)
+needs_real_data = pytest.mark.usefixtures("paper_data_required")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,5 @@
+import sys
+
+from lcprobe.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,301 @@
+"""What a GGUF file says about its model, read with gguf-py (no weights loaded).
+
+This is the one place that knows GGUF keys and llama.cpp's graph tensor names
+per architecture. Everything is checked before llama.cpp sees the file, so a
+missing, truncated or foreign file is a one-line :class:`ModelError` rather
+than a failure deep inside the loader.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from lcprobe.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How an architecture's residual stream is named in llama.cpp's graph.
+
+    ``embed`` is the layer-1 input (after any architecture scaling, e.g.
+    Gemma's sqrt(n_embd)); ``mid`` is the residual after the attention
+    sublayer (None when the graph has no such node).
+    """
+
+    norm: str = "rms"  # final norm: "rms" or "layer"
+    embed: str = "embd"  # the get_rows node of the token embedding
+    mid: str | None = "ffn_inp"
+
+
+# Architectures whose final norm and head lcprobe reproduces and whose graph
+# names were read from llama.cpp's model builders (src/models/*.cpp).
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec(),
+    "mistral3": ArchSpec(),
+    "granite": ArchSpec(),
+    "qwen2": ArchSpec(),
+    "qwen3": ArchSpec(),
+    "olmo2": ArchSpec(),
+    "phi3": ArchSpec(mid=None),
+    "gemma": ArchSpec(embed="inp_scaled", mid="sa_out"),
+    "gemma2": ArchSpec(embed="inp_scaled", mid="sa_out"),
+    "gemma3": ArchSpec(embed="inp_scaled", mid="sa_out"),
+}
+
+#: llama.cpp's LLAMA_FTYPE values, as written in ``general.file_type``.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
+    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S",
+    22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
+    38: "MXFP4_MOE",
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    arch: str
+    general_name: str  # the header's general.name, as written by whoever converted the model
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    norm_eps: float
+    file_type: str
+    add_bos: bool
+    logit_softcap: float
+    logit_scale: float
+    head_tensor: str  # "output.weight" or the tied "token_embd.weight"
+    head_type: str
+    tensor_types: dict[str, int] = field(default_factory=dict)  # type -> parameter count
+    size_bytes: int = 0
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def stem(self) -> str:
+        return self.path.name.removesuffix(".gguf")
+
+    @property
+    def quant(self) -> str:
+        """llama.cpp's file type (Q4_1, Q4_K_M, ...)."""
+        return self.file_type
+
+    @property
+    def name(self) -> str:
+        """A readable name: the catalog name of a pulled catalog model, else the file stem
+        (general.name is often unreadable, e.g. "Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+        from lcprobe.files.catalog import catalog_name
+
+        return catalog_name(self.path) or self.stem
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def bits_per_weight(self) -> float:
+        params = sum(self.tensor_types.values())
+        return 8.0 * self.size_bytes / params if params else float("nan")
+
+    def site_name(self, site: str, layer: int) -> str:
+        """llama.cpp's node name for a residual site at 1-based ``layer``.
+
+        ``resid_post`` of layer i is the block's output ``l_out-(i-1)``;
+        ``resid_mid`` is the residual after attention; ``resid_pre`` of layer 1
+        is the (scaled) embedding, of layer i > 1 the previous block's output.
+        """
+        if not 1 <= layer <= self.n_layer:
+            raise ValueError(f"layer {layer} is outside 1..{self.n_layer}")
+        if site == "resid_post":
+            return f"l_out-{layer - 1}"
+        if site == "resid_mid":
+            if self.spec.mid is None:
+                raise ModelError(f"architecture '{self.arch}' has no named residual after attention")
+            return f"{self.spec.mid}-{layer - 1}"
+        if site == "resid_pre":
+            return self.spec.embed if layer == 1 else f"l_out-{layer - 2}"
+        raise ValueError(f"unknown site '{site}' (resid_pre, resid_mid, resid_post)")
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A GGUFReader for ``path``, or a :class:`ModelError` that says what is wrong.
+
+    Parsing a header walks the whole vocabulary (seconds for a 262k-token
+    vocab), so readers are cached per file version (path, size, mtime); the
+    tensor data stay memory-mapped, not read.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return _cached_reader(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return _open_reader(p)
+
+
+def forget_readers() -> None:
+    """Drop cached readers: gguf-py keeps a numpy object per vocabulary entry
+    (~150 MB for a 49k vocabulary), which a long run must not carry."""
+    _cached_reader.cache_clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    return _open_reader(Path(path))
+
+
+def _open_reader(p: Path) -> gguf.GGUFReader:
+    if not p.exists():
+        raise ModelError(f"no such model file: {p}")
+    if p.is_dir():
+        raise ModelError(f"{p} is a directory, not a GGUF file")
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{p} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(p, "r")
+    except Exception as exc:  # gguf raises ValueError/struct/numpy errors on damage
+        raise ModelError(f"{p} is truncated or corrupt: {exc}") from exc
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelError(f"{p} is truncated: tensor data needs {end} bytes, the file has {size}")
+    return reader
+
+
+def read_model_info(path: str | os.PathLike) -> ModelInfo:
+    p = Path(path).expanduser().resolve()
+    reader = open_reader(p)
+    arch = _field(reader, "general.architecture")
+    if arch is None:
+        raise ModelError(f"{p} has no general.architecture key")
+    if arch not in ARCHITECTURES:
+        raise ModelError(
+            f"architecture '{arch}' is not supported by lcprobe "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    n_layer = _field(reader, f"{arch}.block_count")
+    n_embd = _field(reader, f"{arch}.embedding_length")
+    if n_layer is None or n_embd is None:
+        raise ModelError(f"{p} lacks {arch}.block_count or {arch}.embedding_length")
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if head not in tensors or "output_norm.weight" not in tensors:
+        raise ModelError(f"{p} has no output head (output.weight / token_embd.weight) or output_norm")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens.data) if tokens is not None else int(tensors[head].shape[-1])
+    eps = _field(reader, f"{arch}.attention.layer_norm_rms_epsilon")
+    if eps is None:
+        eps = _field(reader, f"{arch}.attention.layer_norm_epsilon", 1e-5)
+    ftype = _field(reader, "general.file_type")
+    types: Counter[str] = Counter()
+    for t in reader.tensors:
+        types[t.tensor_type.name] += int(t.n_elements)
+    # gguf's reader may pad the vocab dimension; the head's own row count wins.
+    n_vocab = min(n_vocab, int(tensors[head].shape[-1])) if tokens is not None else n_vocab
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
+    return ModelInfo(
+        path=p,
+        arch=arch,
+        general_name=str(_field(reader, "general.name", p.stem)),
+        n_layer=int(n_layer),
+        n_embd=int(n_embd),
+        n_vocab=int(n_vocab),
+        n_ctx_train=int(_field(reader, f"{arch}.context_length", 0) or 0),
+        norm_eps=float(eps),
+        file_type=FILE_TYPES.get(ftype, f"type{ftype}") if ftype is not None else types.most_common(1)[0][0],
+        add_bos=bool(add_bos) if add_bos is not None else True,
+        logit_softcap=float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0),
+        logit_scale=float(_field(reader, f"{arch}.logit_scale", 1.0) or 1.0),
+        head_tensor=head,
+        head_type=tensors[head].tensor_type.name,
+        tensor_types=dict(types),
+        size_bytes=p.stat().st_size,
+    )
+
+
+def vocab_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the tokenizer's token list: equal for models that share a vocabulary."""
+    reader = open_reader(path)
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    h = hashlib.sha256()
+    if f is not None:
+        for idx in f.data:
+            h.update(bytes(f.parts[idx]))
+            h.update(b"\0")
+    return h.hexdigest()
+
+
+_DEQUANT_BLOCK_BYTES = 16 << 20  # float32 bytes per dequantized block
+_PARALLEL_DEQUANT_BYTES = 512 << 20
+
+
+def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> dict[str, np.ndarray]:
+    """The final norm and (unless ``head`` is False) the output head, dequantized to float32 (vocab, n_embd)."""
+    reader = open_reader(path)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def load(name: str) -> np.ndarray:
+        t = tensors[name]
+        shape = [int(x) for x in reversed(t.shape.tolist())]
+        data = t.data.reshape(shape[0], -1) if len(shape) == 2 else t.data
+        if len(shape) != 2:
+            # a copy: an F32 tensor comes back as a view that would keep the whole file mapped
+            return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+        # Row blocks into one float32 array: dequantizing a whole head at once
+        # makes several head-sized temporaries, which set the run's peak RSS.
+        # gguf-py's numpy kernels release the GIL, so blocks of a big head go to
+        # a few threads (a 128k x 2048 Q6_K head: 5.4 s on one, 3.3 s on two).
+        out = np.empty(shape, np.float32)
+        step = max(64, _DEQUANT_BLOCK_BYTES // (4 * shape[1]))
+
+        def fill(r0: int) -> None:
+            r1 = min(shape[0], r0 + step)
+            out[r0:r1] = gguf.quants.dequantize(data[r0:r1], t.tensor_type)
+
+        starts = range(0, shape[0], step)
+        # Threads only for big heads: each keeps a malloc arena of freed blocks
+        # (+30-60 MB RSS measured for SmolLM2's 113 MB head, which loads in 0.3 s anyway).
+        big = out.nbytes >= _PARALLEL_DEQUANT_BYTES
+        workers = min(4, os.cpu_count() or 1, len(starts)) if big else 1
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(fill, starts))
+        else:
+            for r0 in starts:
+                fill(r0)
+        return out
+
+    out = {"norm_weight": load("output_norm.weight").reshape(-1)}
+    if head:
+        out["head"] = load(info.head_tensor)[: info.n_vocab]
+    if "output_norm.bias" in tensors:
+        out["norm_bias"] = load("output_norm.bias").reshape(-1)
+    return out
+
+
+def read_head_raw(path: str | os.PathLike, info: ModelInfo) -> tuple[np.ndarray, int, int]:
+    """The output head's bytes as stored (quantized), its ggml type and its row count."""
+    reader = open_reader(path)
+    t = next(t for t in reader.tensors if t.name == info.head_tensor)
+    raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(-1)
+    return raw, int(t.tensor_type), int(t.shape[-1])
