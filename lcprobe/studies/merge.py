@@ -1,0 +1,162 @@
+"""``lcprobe merge``: the shards of a run, a suite or a comparison joined into what an unsharded one writes.
+
+A run directory is merged by :func:`lcprobe.results.merge.merge_run`; a suite
+directory (suite.json) task by task, then suite.json and suite.csv rebuilt
+from the merged summaries. A comparison (compare.json) likewise, its paired
+task metrics recomputed from the merged items; its representation measures
+(KL, cosine, rel_l2, top-1) are the row-weighted means of the shards' (each
+shard compares up to --max-rows rows of its own items), which equal an
+unsharded comparison's when --max-rows covers every row, to the 6
+significant digits compare.json keeps. Reads and writes files only; no model
+is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from lcprobe.results.compare import COMPARE_JSON, read_compare, write_compare
+from lcprobe.results.merge import MergeError, merge_run
+from lcprobe.results.run import ITEMS, RUN, read_items
+from lcprobe.results.suite import SUITE_JSON, read_suite, write_suite
+from lcprobe.studies.suite import task_entry
+
+# Options that may differ between the machines running the shards without changing a number.
+_PER_MACHINE = ("shard", "rpc", "tensor_split", "n_threads", "n_gpu_layers", "memory_check")
+
+
+def _same_options(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = (set(a) | set(b)) - set(_PER_MACHINE)
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def merge_suite(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    suites = [read_suite(d) for d in dirs]
+    first = suites[0]
+    for d, s in zip(dirs[1:], suites[1:]):
+        if s["tasks"] != first["tasks"] or [m["model"] for m in s["models"]] != [m["model"] for m in first["models"]]:
+            raise MergeError(f"{d} and {dirs[0]} are not shards of one suite (other models or tasks)")
+        if not _same_options(s["options"], first["options"]):
+            raise MergeError(f"{d} and {dirs[0]} are not shards of one suite (other options)")
+    if not first["options"].get("shard"):
+        raise MergeError(f"{dirs[0]} is not a shard (run without --shard I/N)")
+    merged: dict[str, Any] = {k: v for k, v in first.items() if k not in ("models", "complete", "seconds")}
+    merged["options"] = dict(first["options"], shard=None)
+    merged["models"] = []
+    for record in first["models"]:
+        rec = dict(record, tasks={}, errors={})
+        for task in first["tasks"]:
+            parts = [d / record["model"] / task for d in dirs]
+            rec["tasks"][task] = task_entry(merge_run(parts, out / record["model"] / task))
+        merged["models"].append(rec)
+    merged["complete"] = all(e["complete"] for m in merged["models"] for e in m["tasks"].values())
+    merged["seconds"] = round(sum(s.get("seconds", 0.0) for s in suites), 3)
+    write_suite(out, merged)
+    return merged
+
+
+_REP = ("kl", "cosine", "rel_l2", "top1")
+
+
+def merge_compare(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    from lcprobe.studies.compare import RepStats, model_task_entry, verdict
+
+    parts = [read_compare(d) for d in dirs]
+    first = parts[0]
+    for d, c in zip(dirs[1:], parts[1:]):
+        if ([m["path"] for m in c["models"]] != [m["path"] for m in first["models"]]
+                or list(c["tasks"]) != list(first["tasks"]) or c["options"] != first["options"]):
+            raise MergeError(f"{d} and {dirs[0]} are not shards of one comparison (other models, tasks or options)")
+    for d, c in zip(dirs, parts):
+        if not c.get("complete"):
+            raise MergeError(f"{d / COMPARE_JSON} is incomplete; run that shard again")
+    result: dict[str, Any] = {k: v for k, v in first.items() if k not in ("tasks", "timing", "complete")}
+    result["complete"] = True
+    result["tasks"] = {}
+    models = {m["dir"]: m for m in first["models"]}
+    for task, tr0 in first["tasks"].items():
+        entries: list[dict[str, Any]] = []
+        ref_info: tuple[Any, list[int], list[dict[str, Any]]] | None = None
+        for k, e0 in enumerate(tr0["models"]):
+            rec = models[Path(e0["dir"]).parent.name]
+            run_dir = out / rec["dir"] / task
+            merge_run([d / rec["dir"] / task for d in dirs], run_dir)
+            records = read_items(run_dir / ITEMS)
+            layers = [r["layer"] for r in e0["layers"]]
+            shard_entries = [c["tasks"][task]["models"][k] for c in parts]
+            rep = RepStats(len(layers))
+            rep.n_rows = sum(e["rows_compared"] for e in shard_entries)
+            rep.seconds = sum(e["seconds_representation"] for e in shard_entries)
+            for e in shard_entries:
+                for name in _REP:
+                    vals = [r[name] for r in e["layers"]]
+                    if e["rows_compared"] and None not in vals:
+                        getattr(rep, name)[:] += np.asarray(vals, float) * e["rows_compared"]
+            cm = SimpleNamespace(path=rec["path"], quant=rec["quant"], label=rec["label"],
+                                 representation=rec["representation"], info=SimpleNamespace(n_layer=rec["n_layer"]),
+                                 mix=SimpleNamespace(bits_per_weight=rec["bits_per_weight"]))
+            if ref_info is None:
+                ref_info = (cm, layers, records)
+            ref_cm, ref_layers, ref_records = ref_info
+            entry = model_task_entry(cm, ref_cm, SimpleNamespace(metric=tr0["metric"]), run_dir, layers, records,
+                                     ref_layers, ref_records, rep, is_reference=k == 0)
+            if k > 0:
+                entry["verdict"] = verdict(entry, entries[0], first["options"]["kl_threshold"])
+            entries.append(entry)
+        result["tasks"][task] = dict(tr0, models=entries, n_items=len(ref_info[2]) if ref_info else None,
+                                     rows_compared=sum(c["tasks"][task]["rows_compared"] for c in parts),
+                                     items_with_rows=sum(c["tasks"][task]["items_with_rows"] for c in parts))
+    timing: dict[str, float] = {}
+    for c in parts:
+        for k, v in c.get("timing", {}).items():
+            timing[k] = round(timing.get(k, 0.0) + v, 3)
+    result["timing"] = timing
+    write_compare(out, result)
+    return result
+
+
+def merge_dirs(dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """Merge shard directories (all runs or all suites) into ``out_dir``: ("run" or "suite", its summary)."""
+    paths = [Path(d) for d in dirs]
+    out = Path(out_dir)
+    if len(paths) < 1:
+        raise MergeError("give the shard directories to merge")
+    for p in paths:
+        if not p.is_dir():
+            raise MergeError(f"{p} is not a directory")
+        if p.resolve() == out.resolve():
+            raise MergeError(f"-o {out} is one of the shards; write the merge elsewhere")
+    def kind(p: Path) -> str | None:
+        for name, marker in (("suite", SUITE_JSON), ("compare", COMPARE_JSON), ("run", RUN)):
+            if (p / marker).exists():
+                return name
+        return None
+
+    kinds = {kind(p) for p in paths}
+    if None in kinds:
+        bad = next(p for p in paths if kind(p) is None)
+        raise MergeError(f"{bad} is not a run ({RUN}), suite ({SUITE_JSON}) or comparison ({COMPARE_JSON}) "
+                         "directory")
+    if len(kinds) > 1:
+        raise MergeError(f"cannot merge {' with '.join(sorted(kinds))} directories")
+    if kinds == {"suite"}:
+        return "suite", merge_suite(paths, out)
+    if kinds == {"compare"}:
+        return "compare", merge_compare(paths, out)
+    return "run", merge_run(paths, out)
+
+
+def describe(kind: str, result: dict[str, Any]) -> str:
+    if kind == "compare":
+        return f"merged comparison: {len(result['models'])} model(s) x {len(result['tasks'])} task(s)"
+    if kind == "suite":
+        n = sum(e["n_items"] for m in result["models"] for e in m["tasks"].values())
+        return (f"merged suite: {len(result['models'])} model(s) x {len(result['tasks'])} task(s), {n} items")
+    return (f"merged run: {result['n_items']} items of {result['task']}; best layer {result['best_layer']} "
+            f"({result['metric']} {result['best_value']})")
+
