@@ -9,8 +9,10 @@
  *    after llama_decode and raises;
  *  - it only touches tensor memory through ggml_backend_tensor_get/_set, so
  *    CPU, CUDA and Metal buffers work the same;
- *  - it always returns true from the collect call: false would make the
- *    scheduler silently drop the rest of the graph split.
+ *  - it returns true from the collect call, so the scheduler runs the rest of
+ *    the graph split, except on the one node Python names as the stop (the
+ *    last block's output when llama.cpp's logits are not wanted): there false
+ *    deliberately ends the split, cutting the head off the graph.
  *
  * Row bookkeeping. Python declares, per llama_decode, which batch tokens are
  * outputs (logits requested); exactly those rows are captured, output j going

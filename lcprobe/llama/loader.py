@@ -42,6 +42,7 @@ class LoadOptions:
     flash_attn: str = "auto"
     lens_backend: str | None = "numpy"
     memory_check: bool = True  # refuse, with the plan's numbers, a model that does not fit
+    use_mmap: bool = True  # False keeps the weights in writable memory (in-place weight swaps)
     layers: str | None = None  # the layers a capture will hold, as --layers (sizes the plan's buffers)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, "host:port" (lcprobe.llama.rpc)
     tensor_split: tuple[float, ...] = ()  # share of the offloaded layers per device
@@ -54,7 +55,7 @@ class LoadOptions:
         return EngineConfig(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch or self.n_batch,
                             n_seq_max=self.n_seq_max, n_gpu_layers=self.n_gpu_layers, n_threads=self.n_threads,
                             kv_type=self.kv_type, flash_attn=self.flash_attn, rpc=tuple(self.rpc),
-                            tensor_split=tuple(self.tensor_split))
+                            tensor_split=tuple(self.tensor_split), use_mmap=self.use_mmap)
 
     def validate(self) -> None:
         """Refuse values llama.cpp would reject or abort on, naming the flag (before anything loads)."""

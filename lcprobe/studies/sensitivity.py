@@ -276,19 +276,15 @@ class SensitivityOptions:
 
 
 def open_base(path: Path, n_ctx: int, n_threads: int | None, n_gpu_layers: int = 0, use_mmap: bool = False):
-    """An Engine on ``path`` for final logits (one sequence of ``n_ctx`` per decode)."""
-    from lcprobe.files.modelfile import read_model_info
-    from lcprobe.llama.engine import Engine, EngineConfig, default_log_path, set_llama_log
-    from lcprobe.llama.loader import check_memory
+    """An Engine on ``path`` for final logits (one sequence of ``n_ctx`` per decode), opened by the
+    one loader with no head (llama.cpp's logits are the reference); ``use_mmap=False`` keeps the
+    weights writable for in-place swaps."""
+    from lcprobe.llama.loader import LoadOptions, open_model
 
-    info = read_model_info(path)
-    config = EngineConfig(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_seq_max=1,
-                          n_gpu_layers=n_gpu_layers, n_threads=n_threads, skip_head=False, use_mmap=use_mmap)
-    check_memory(info, config, 0, None)
-    log = default_log_path()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    set_llama_log(log)
-    return Engine(info, config)
+    options = LoadOptions(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), n_seq_max=1,
+                          n_gpu_layers=n_gpu_layers, n_threads=n_threads, lens_backend=None, use_mmap=use_mmap,
+                          layers="-1")
+    return open_model(path, options).engine
 
 
 def run_sensitivity(
