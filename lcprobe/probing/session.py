@@ -25,7 +25,7 @@ from lcprobe.llama.loader import LoadedModel, LoadOptions
 from lcprobe.errors import LcprobeError
 from lcprobe.analysis.lens import Lens
 from lcprobe.files.modelfile import ModelInfo
-from lcprobe.results.lock import lock_dir
+from lcprobe.results.lock import locks_output
 from lcprobe.results.run import RunWriter, breakdown, item_line, read_items, write_summary
 from lcprobe.probing.runner import ItemResult, ProbeStats, Prober, parse_layers
 from lcprobe.tasks.task import Item, Task
@@ -93,6 +93,7 @@ def run_key(sha256: str, info: ModelInfo, task: Task, options: ProbeOptions, n_i
     } | ({"shard": list(options.shard)} if options.shard else {})
 
 
+@locks_output("out_dir")
 def run_task(
     model: LoadedModel,
     task: Task,
@@ -112,21 +113,6 @@ def run_task(
     resumed with ``resume=True``. ``out_dir`` is locked for the run: a second
     writer, in this or another process, is refused.
     """
-    with lock_dir(out_dir):
-        return _run_task(model, task, out_dir, options, resume, items, progress, should_stop, on_rows)
-
-
-def _run_task(
-    model: LoadedModel,
-    task: Task,
-    out_dir: str | Path,
-    options: ProbeOptions,
-    resume: bool = False,
-    items: Sequence[Item] | None = None,
-    progress: Callable[[ProbeStats, dict[str, Any] | None], None] | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_rows: Callable[[list[ItemResult], np.ndarray], None] | None = None,
-) -> RunOutcome:
     t_start = time.perf_counter()
     info = model.info
     items = list(items) if items is not None else task.items(limit=options.limit, seed=options.seed)
