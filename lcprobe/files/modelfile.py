@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
@@ -134,7 +135,10 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except UnicodeDecodeError:
+        raise ModelError(f"{Path(reader.data.filename or '?')}: metadata {key} is not valid UTF-8 text") from None
 
 
 def open_reader(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -173,13 +177,106 @@ def _open_reader(p: Path) -> gguf.GGUFReader:
     if magic != b"GGUF":
         raise ModelError(f"{p} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        reader = gguf.GGUFReader(p, "r")
+        # a damaged offset overflows gguf-py's uint64 sums: checked below, not worth a warning
+        with np.errstate(over="ignore"):
+            reader = _BoundedReader(p, "r")
     except Exception as exc:  # gguf raises ValueError/struct/numpy errors on damage
-        raise ModelError(f"{p} is truncated or corrupt: {exc}") from exc
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
-    if end > size:
-        raise ModelError(f"{p} is truncated: tensor data needs {end} bytes, the file has {size}")
+        if isinstance(exc, _BadTensor):
+            raise ModelError(f"{p}: {exc}") from None
+        raise ModelError(f"{p} is truncated or corrupt: {_reader_problem(exc)}") from None
     return reader
+
+
+class _PastEnd(ValueError):
+    pass
+
+
+class _BadTensor(ValueError):
+    pass
+
+
+class _BoundedReader(gguf.GGUFReader):
+    """gguf-py's reader, stopped at the end of the file.
+
+    gguf-py slices its memory map, which silently yields fewer items past the
+    end; a damaged array length (2**40 items) then loops for hours over empty
+    reads. (Any other read past the end fails on its own with an IndexError.)
+    """
+
+    def _get_field_parts(self, orig_offs, raw_type):  # type: ignore[override]
+        # an array's items are read one by one: refuse a length the rest of the file cannot hold
+        if raw_type == _ARRAY:
+            item_type = int(self._get(orig_offs, np.uint32)[0])
+            n_items = int(self._get(orig_offs + 4, np.uint64)[0])
+            scalar = self.gguf_scalar_to_np.get(item_type)
+            least = np.dtype(scalar).itemsize if scalar is not None else 8  # a string's or an array's length
+            if n_items * least > len(self.data) - orig_offs - 12:
+                raise _PastEnd(_PAST_END)
+        return super()._get_field_parts(orig_offs, raw_type)
+
+    def _build_tensors(self, start_offs, fields):  # type: ignore[override]
+        for f in fields:
+            _check_tensor_info(f, int(start_offs), len(self.data), self.alignment)
+        super()._build_tensors(start_offs, fields)
+
+
+def _check_tensor_info(f, data_start: int, size: int, alignment: int) -> None:
+    """What llama.cpp would refuse, or abort on, said (naming the tensor) before gguf-py or llama.cpp
+    trip over it."""
+    _name_len, name_data, _n_dims, dims_data, type_data, offset_data = f.parts
+    name = bytes(name_data).decode("utf-8", "replace")
+    dims = [int(d) for d in dims_data]
+    if not 1 <= len(dims) <= _MAX_DIMS:
+        raise _BadTensor(f"tensor {name} has {len(dims)} dimensions (ggml allows 1..{_MAX_DIMS}): corrupt file")
+    if any(d <= 0 or d >= 2**62 for d in dims):
+        raise _BadTensor(f"tensor {name} has impossible dimensions {dims}: corrupt file")
+    try:
+        ggml_type = gguf.GGMLQuantizationType(int(type_data[0]))
+    except ValueError:
+        raise _BadTensor(f"tensor {name} has unknown ggml type {int(type_data[0])} "
+                         "(a corrupt file, or one from a newer llama.cpp)") from None
+    block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    if dims[0] % block:
+        raise _BadTensor(f"tensor {name} has rows of {dims[0]} values, not a multiple of "
+                         f"{ggml_type.name}'s block of {block}: corrupt file")
+    offset = int(offset_data[0])
+    if offset % alignment:
+        raise _BadTensor(f"tensor {name} starts at offset {offset}, not a multiple of the file's "
+                         f"alignment {alignment}: corrupt file")
+    n = 1
+    for d in dims:
+        n *= d
+    end = data_start + offset + n // block * type_size
+    if end > size:
+        raise _BadTensor(f"tensor {name} ends past the end of the file ({end} > {size} bytes): "
+                         "truncated download?")
+
+
+_ARRAY = int(gguf.GGUFValueType.ARRAY)
+_PAST_END = "the header or the tensor data run past the end of the file (truncated download?)"
+
+
+# ggml's GGML_MAX_DIMS: llama.cpp rejects (or worse, aborts on) more.
+_MAX_DIMS = 4
+
+
+def _reader_problem(exc: Exception) -> str:
+    """gguf-py's exception in the user's terms where it is a known kind of damage."""
+    msg = str(exc)
+    number = re.search(r"(\d+)\)? is not a valid", msg)  # "np.uint32(99) is not a valid ..."
+    if isinstance(exc, _PastEnd):
+        return msg
+    if "GGMLQuantizationType" in msg and number:
+        return f"a tensor has unknown ggml type {number[1]} (a corrupt file, or one from a newer llama.cpp)"
+    if "GGUFValueType" in msg and number:
+        return f"a metadata value has unknown type {number[1]}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "a key or tensor name is not valid UTF-8"
+    if "dimension" in msg:
+        return "a tensor has impossible dimensions"
+    if any(s in msg for s in ("reshape", "out of bounds", "out of range", "mmap", "larger than", "larger dtype")):
+        return _PAST_END
+    return msg
 
 
 def read_model_info(path: str | os.PathLike) -> ModelInfo:
@@ -198,6 +295,11 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     n_embd = _field(reader, f"{arch}.embedding_length")
     if n_layer is None or n_embd is None:
         raise ModelError(f"{p} lacks {arch}.block_count or {arch}.embedding_length")
+    for key in ("block_count", "embedding_length", "attention.head_count"):
+        _check_count(p, f"{arch}.{key}", _field(reader, f"{arch}.{key}"), least=1)
+    # per-layer lists may hold 0 (a layer without attention or FFN)
+    for key in ("attention.head_count_kv", "feed_forward_length", "context_length"):
+        _check_count(p, f"{arch}.{key}", _field(reader, f"{arch}.{key}"), least=0)
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     if head not in tensors or "output_norm.weight" not in tensors:
         raise ModelError(f"{p} has no output head (output.weight / token_embd.weight) or output_norm")
@@ -206,6 +308,14 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
     eps = _field(reader, f"{arch}.attention.layer_norm_rms_epsilon")
     if eps is None:
         eps = _field(reader, f"{arch}.attention.layer_norm_epsilon", 1e-5)
+    # llama.cpp asserts (aborts) on a negative epsilon; NaN or huge ones give NaN scores
+    _check_real(p, "layer norm epsilon", eps, 0.0, 1.0)
+    for key in ("rope.freq_base", "rope.scale_linear", "rope.scaling.factor", "final_logit_softcapping",
+                "logit_scale", "attention.scale", "embedding_scale", "residual_scale"):
+        value = _field(reader, f"{arch}.{key}")
+        if value is not None:
+            # a zero RoPE base makes infinite angles
+            _check_real(p, f"{arch}.{key}", value, 1e-6 if key == "rope.freq_base" else 0.0, 1e12)
     ftype = _field(reader, "general.file_type")
     types: Counter[str] = Counter()
     for t in reader.tensors:
@@ -231,6 +341,21 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         tensor_types=dict(types),
         size_bytes=p.stat().st_size,
     )
+
+
+def _check_real(p: Path, key: str, value, least: float, most: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not least <= value <= most:
+        raise ModelError(f"{p}: metadata {key} = {value!r} is not a number in {least:g}..{most:g}: corrupt file")
+
+
+def _check_count(p: Path, key: str, value, least: int) -> None:
+    """A hyperparameter llama.cpp and lcprobe divide and allocate by: a sane count (or one per layer)."""
+    if value is None:
+        return
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and least <= v < 2**31 for v in values):
+        shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+        raise ModelError(f"{p}: metadata {key} = {shown} is not a count >= {least}: corrupt file")
 
 
 def vocab_fingerprint(path: str | os.PathLike) -> str:
@@ -260,7 +385,9 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
         data = t.data.reshape(shape[0], -1) if len(shape) == 2 else t.data
         if len(shape) != 2:
             # a copy: an F32 tensor comes back as a view that would keep the whole file mapped
-            return np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+            vec = np.array(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+            _check_finite(path, name, vec)
+            return vec
         # Row blocks into one float32 array: dequantizing a whole head at once
         # makes several head-sized temporaries, which set the run's peak RSS.
         # gguf-py's numpy kernels release the GIL, so blocks of a big head go to
@@ -271,6 +398,7 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
         def fill(r0: int) -> None:
             r1 = min(shape[0], r0 + step)
             out[r0:r1] = gguf.quants.dequantize(data[r0:r1], t.tensor_type)
+            _check_finite(path, name, out[r0:r1])
 
         starts = range(0, shape[0], step)
         # Threads only for big heads: each keeps a malloc arena of freed blocks
@@ -291,6 +419,12 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
     if "output_norm.bias" in tensors:
         out["norm_bias"] = load("output_norm.bias").reshape(-1)
     return out
+
+
+def _check_finite(path: str | os.PathLike, name: str, values: np.ndarray) -> None:
+    # NaN weights make NaN scores, which every metric refuses far from the cause
+    if not np.isfinite(values).all():
+        raise ModelError(f"{path}: tensor {name} holds NaN or infinite weights: corrupt file")
 
 
 def read_head_raw(path: str | os.PathLike, info: ModelInfo) -> tuple[np.ndarray, int, int]:

@@ -123,6 +123,24 @@ def read_text_file(path: Path, what: str = "data file", error: type[LcprobeError
         raise error(f"{path}: cannot read ({e.strerror})") from None
 
 
+def check_encodable(value: Any, where: str) -> None:
+    """Refuse text with an unpaired surrogate: JSON and YAML escapes (\\ud800) make them,
+    and no tokenizer can take them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TaskError(f"{where}: text holds an unpaired surrogate {value[e.start]!r} "
+                            "(a broken \\u escape)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_encodable(k, where)
+            check_encodable(v, where)
+    elif isinstance(value, list):
+        for v in value:
+            check_encodable(v, where)
+
+
 def _read_jsonl(path: Path, text: str) -> Located:
     out: Located = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -135,6 +153,8 @@ def _read_jsonl(path: Path, text: str) -> Located:
             raise TaskError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise TaskError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        if "\\u" in line:
+            check_encodable(rec, where)
         rec.setdefault("id", len(out))
         if isinstance(rec.get("category"), str):
             meta = rec.get("meta")
@@ -153,6 +173,7 @@ def _read_reclor(path: Path, text: str) -> Located:
         raise TaskError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
         raise TaskError(f"{path}: expected a JSON list of ReClor items")
+    check_encodable(data, str(path))
     out: Located = []
     for i, item in enumerate(data):
         where = f"{path}: item {i}"

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,6 +255,9 @@ def _cached_records(reader: str, path: str, format: str, mtime_ns: int, size: in
     return tuple(readers.read_records(reader, path, format))
 
 
+_MAX_PAD = 1000
+
+
 @functools.lru_cache(maxsize=64)
 def _placeholders(template: str, key: str, source: str) -> tuple[str, ...]:
     """Field names used by a template; TaskError for anything but plain names."""
@@ -270,6 +274,9 @@ def _placeholders(template: str, key: str, source: str) -> tuple[str, ...]:
             raise TaskError(f"{source}: {key} placeholder {shown} must be a field name such as {{question}}")
         if spec and "{" in spec:
             raise TaskError(f"{source}: {key} placeholder {{{name}}} has a nested field in its format spec")
+        # "{question:>99999999}" would build a 100 MB prompt
+        if spec and max(int(n) for n in re.findall(r"\d+", spec) or ["0"]) > _MAX_PAD:
+            raise TaskError(f"{source}: {key} placeholder {{{name}:{spec}}} pads past {_MAX_PAD} characters")
         names.append(name)
     return tuple(names)
 
@@ -398,6 +405,7 @@ def _load_yaml(path: Path, data: str | None, require_data: bool) -> Task:
         raise TaskError(f"{path}{at}: invalid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: a task file must be a mapping of keys such as name, format, metric")
+    readers.check_encodable(raw, str(path))
 
     for key in raw:
         if key not in _REQUIRED + _OPTIONAL:
