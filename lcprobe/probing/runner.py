@@ -241,6 +241,12 @@ class Prober:
         """Lens on a decoded group's rows, then per-choice sums."""
         t1 = time.perf_counter()
         flat = self.lens.token_log_probs(hs, self.layers, batch.row_targets)
+        if not np.isfinite(flat).all():
+            # corrupt weights surface here as NaN/inf; metrics would only fail later, with a traceback
+            bad = [self.layers[i] for i in np.flatnonzero(~np.isfinite(flat).all(axis=1))]
+            raise LcprobeError(f"the model produced NaN or infinite log-probabilities at layer(s) "
+                               f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}: "
+                               "corrupt weights, or a model llama.cpp cannot run in float32?")
         stats.lens_rows += hs.shape[1]
         stats.seconds_lens += time.perf_counter() - t1
         sizes = [len(t) for t in batch.row_targets]
