@@ -148,7 +148,8 @@ def measure(path: Path, s: Shape, items, task, threads: int, repeat: int, tmp: P
 
     from lcprobe.probing.batching import build_units, common_prefix_length, group_units, layout_group
     from lcprobe.analysis.lens import Lens
-    from lcprobe.probing.runner import Prober, parse_layers
+    from lcprobe.probing.runner import Prober
+    from lcprobe.sites import parse_layers
     from lcprobe.llama.loader import open_model
     from lcprobe.probing.session import ProbeOptions, run_task
 

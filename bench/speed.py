@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     from lcprobe.analysis.lens import Lens
     from lcprobe.llama.loader import open_model
     from lcprobe.probing.session import ProbeOptions, run_task
-    from lcprobe.probing.runner import Prober, parse_layers
+    from lcprobe.probing.runner import Prober
+    from lcprobe.sites import parse_layers
     from lcprobe.tasks.task import load_task
 
     sys.path.insert(0, str(REPO / "tests"))

@@ -12,7 +12,8 @@ from lcprobe.llama.engine import Engine, EngineConfig
 from lcprobe.errors import LcprobeError, PromptTooLongError
 from lcprobe.analysis.lens import Lens, Unembed
 from lcprobe.files.modelfile import read_model_info
-from lcprobe.probing.runner import Prober, parse_layers
+from lcprobe.probing.runner import Prober
+from lcprobe.sites import parse_layers
 from lcprobe.tasks.task import Item
 from naive import naive_scores
 

@@ -171,7 +171,6 @@ def _open_reader(p: Path) -> gguf.GGUFReader:
         raise ModelError(f"no such model file: {p}")
     if p.is_dir():
         raise ModelError(f"{p} is a directory, not a GGUF file")
-    size = p.stat().st_size
     with open(p, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":

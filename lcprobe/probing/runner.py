@@ -31,7 +31,6 @@ from lcprobe.errors import LcprobeError, PromptTooLongError
 from lcprobe.analysis.lens import Lens
 from lcprobe.results.run import ItemResult
 from lcprobe.tasks.task import Item
-from lcprobe.sites import parse_layers  # noqa: F401  (re-exported: the runner's layer specs)
 
 # Captured rows kept per group: bounds memory for wide, deep models.
 ROW_BUDGET_BYTES = 256 << 20

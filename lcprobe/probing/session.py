@@ -27,7 +27,8 @@ from lcprobe.analysis.lens import Lens
 from lcprobe.files.modelfile import ModelInfo
 from lcprobe.results.lock import locks_output
 from lcprobe.results.run import RunWriter, breakdown, item_line, read_items, write_summary
-from lcprobe.probing.runner import ItemResult, ProbeStats, Prober, parse_layers
+from lcprobe.probing.runner import ItemResult, ProbeStats, Prober
+from lcprobe.sites import parse_layers
 from lcprobe.tasks.task import Item, Task
 
 

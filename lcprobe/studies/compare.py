@@ -24,7 +24,8 @@ from lcprobe.studies.quantize import TypeMix, coverage_warning, type_mix
 from lcprobe.results.compare import ALPHA, DEFAULT_KL_THRESHOLD, DEFAULT_MAX_ROWS, write_compare
 from lcprobe.results.run import layer_metrics
 from lcprobe.probing.progress import StudyListener
-from lcprobe.probing.runner import ItemResult, parse_layers
+from lcprobe.probing.runner import ItemResult
+from lcprobe.sites import parse_layers
 from lcprobe.llama.loader import LoadedModel, open_model
 from lcprobe.results.lock import locks_output
 from lcprobe.probing.session import ProbeOptions, run_task

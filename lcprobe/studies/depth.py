@@ -364,7 +364,7 @@ def skip_patch(info: ModelInfo, layer: int) -> tuple[str, str]:
 
 def parse_skip(spec: str, n_layer: int) -> list[int]:
     """``all``, one layer or a list/range like ``1,5:8,-1`` (1-based)."""
-    from lcprobe.probing.runner import parse_layers
+    from lcprobe.sites import parse_layers
 
     return parse_layers(spec, n_layer)
 
