@@ -200,8 +200,6 @@ def llama_metadata(spec: SynthSpec, name: str, file_type: gguf.LlamaFileType,
     The tokenizer is the synthetic vocabulary, or ``vocab`` (tokens, scores,
     types) when given, e.g. padded to a larger size.
     """
-    tokens, scores, types = vocab if vocab is not None else build_vocab()
-
     def add(writer: gguf.GGUFWriter) -> None:
         writer.add_name(name)
         writer.add_file_type(int(file_type))
@@ -215,19 +213,27 @@ def llama_metadata(spec: SynthSpec, name: str, file_type: gguf.LlamaFileType,
         writer.add_rope_freq_base(spec.rope_base)
         # llama.cpp rejects LLaMA files whose n_rot differs from head_dim.
         writer.add_rope_dimension_count(spec.head_dim)
-        writer.add_vocab_size(len(tokens))
-
-        writer.add_tokenizer_model("llama")
-        writer.add_token_list(list(tokens))
-        writer.add_token_scores(list(scores))
-        writer.add_token_types(list(types))
-        writer.add_unk_token_id(UNK_ID)
-        writer.add_bos_token_id(BOS_ID)
-        writer.add_eos_token_id(EOS_ID)
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
+        add_tokenizer(writer, vocab)
 
     return add
+
+
+def add_tokenizer(writer: gguf.GGUFWriter,
+                  vocab: tuple[Sequence[str], Sequence[float], Sequence[int]] | None = None) -> None:
+    """The vocabulary size and the SentencePiece tokenizer keys of the synthetic
+    vocabulary (or ``vocab``): any architecture's writer can add them."""
+    tokens, scores, types = vocab if vocab is not None else build_vocab()
+    writer.add_vocab_size(len(tokens))
+
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types(list(types))
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
 
 
 def write_llama_gguf(path: str | os.PathLike[str], spec: SynthSpec) -> dict[str, np.ndarray]:

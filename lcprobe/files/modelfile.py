@@ -30,26 +30,36 @@ class ArchSpec:
     ``embed`` is the layer-1 input (after any architecture scaling, e.g.
     Gemma's sqrt(n_embd)); ``mid`` is the residual after the attention
     sublayer (None when the graph has no such node).
+
+    The head's extras are read only where the graph applies them: llama.cpp
+    ignores a ``final_logit_softcapping`` or ``logit_scale`` key of any other
+    architecture, and so must the lens. ``softcap`` is the soft-cap llama.cpp
+    assumes when the key is absent (None: this graph never soft-caps).
     """
 
     norm: str = "rms"  # final norm: "rms" or "layer"
     embed: str = "embd"  # the get_rows node of the token embedding
     mid: str | None = "ffn_inp"
+    softcap: float | None = None
+    logit_scale: bool = False  # the logits are divided by {arch}.logit_scale (Granite)
 
 
 # Architectures whose final norm and head lcprobe reproduces and whose graph
-# names were read from llama.cpp's model builders (src/models/*.cpp).
+# names were read from llama.cpp's model builders (src/models/*.cpp); each is
+# checked against llama.cpp's own logits on a tiny random model of its real
+# tensor set (tests/test_architectures.py).
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(),
     "mistral3": ArchSpec(),
-    "granite": ArchSpec(),
+    "granite": ArchSpec(logit_scale=True),  # embedding_scale is inside the "embd" node
     "qwen2": ArchSpec(),
     "qwen3": ArchSpec(),
     "olmo2": ArchSpec(),
-    "phi3": ArchSpec(mid=None),
+    "phi3": ArchSpec(mid=None),  # the residual after attention has no name in its graph
     "gemma": ArchSpec(embed="inp_scaled", mid="sa_out"),
-    "gemma2": ArchSpec(embed="inp_scaled", mid="sa_out"),
-    "gemma3": ArchSpec(embed="inp_scaled", mid="sa_out"),
+    # gemma2's graph always soft-caps, at 30 unless the header says otherwise
+    "gemma2": ArchSpec(embed="inp_scaled", mid="sa_out", softcap=30.0),
+    "gemma3": ArchSpec(embed="inp_scaled", mid="sa_out", softcap=0.0),
 }
 
 #: llama.cpp's LLAMA_FTYPE values, as written in ``general.file_type``.
@@ -289,6 +299,7 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
             f"architecture '{arch}' is not supported by lcprobe "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
+    spec = ARCHITECTURES[arch]
     tensors = {t.name: t for t in reader.tensors}
     n_layer = _field(reader, f"{arch}.block_count")
     n_embd = _field(reader, f"{arch}.embedding_length")
@@ -333,13 +344,21 @@ def read_model_info(path: str | os.PathLike) -> ModelInfo:
         norm_eps=float(eps),
         file_type=FILE_TYPES.get(ftype, f"type{ftype}") if ftype is not None else types.most_common(1)[0][0],
         add_bos=bool(add_bos) if add_bos is not None else True,
-        logit_softcap=float(_field(reader, f"{arch}.final_logit_softcapping", 0.0) or 0.0),
-        logit_scale=float(_field(reader, f"{arch}.logit_scale", 1.0) or 1.0),
+        logit_softcap=_logit_softcap(reader, arch),
+        logit_scale=float(_field(reader, f"{arch}.logit_scale", 1.0) or 1.0) if spec.logit_scale else 1.0,
         head_tensor=head,
         head_type=tensors[head].tensor_type.name,
         tensor_types=dict(types),
         size_bytes=p.stat().st_size,
     )
+
+
+def _logit_softcap(reader: gguf.GGUFReader, arch: str) -> float:
+    """The final soft-cap llama.cpp's graph applies (0: none)."""
+    default = ARCHITECTURES[arch].softcap
+    if default is None:
+        return 0.0
+    return float(_field(reader, f"{arch}.final_logit_softcapping", default) or 0.0)
 
 
 def _check_real(p: Path, key: str, value, least: float, most: float) -> None:
@@ -377,6 +396,10 @@ def read_head(path: str | os.PathLike, info: ModelInfo, head: bool = True) -> di
     """The final norm and (unless ``head`` is False) the output head, dequantized to float32 (vocab, n_embd)."""
     reader = open_reader(path)
     tensors = {t.name: t for t in reader.tensors}
+    if "output.bias" in tensors:
+        # llama.cpp adds it to the logits (qwen2's loader reads one); the lens has no term for it
+        raise ModelError(f"{path}: the output head has a bias (output.bias), which lcprobe's lens "
+                         "does not apply; load it with lens_backend=None to capture without a lens")
 
     def load(name: str) -> np.ndarray:
         t = tensors[name]
