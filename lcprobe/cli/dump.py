@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from lcprobe.cli.common import add_model_args, load_options, resume_hint
+from lcprobe.cli.common import add_model_args, add_shard_arg, load_options, parse_shard, resume_hint
 
 if TYPE_CHECKING:
     from lcprobe.studies.dump import DumpOptions
@@ -19,6 +19,8 @@ examples:
   lcprobe dump -m smollm2-135m --text corpus.txt --sites resid_post,resid_mid --layers 10:20 \\
                --max-tokens 1000000 --shard-tokens 8192 --dtype float32 -o dumps/smol-mid
   lcprobe dump ... --resume                         # continue an interrupted dump in the same -o
+  lcprobe dump ... --shard 2/4 -o dumps/part2       # a quarter of the shard files, on one machine
+  lcprobe merge dumps/part1 dumps/part2 dumps/part3 dumps/part4 -o dumps/smol
 
 Windows: the text is cut into windows of -c tokens and every window is decoded
 from an empty KV cache, with the model's BOS token first when the model adds
@@ -32,6 +34,12 @@ DIR/index.json (model and its sha256, text sha256, sites, layers, dtype,
 window, tokens per shard). Read it back in Python:
 
   dump = lcprobe.read_dump("dumps/smol"); dump["resid_post", 5]; dump.tokens
+
+--shard I/N splits the shard files the whole dump would write into N
+contiguous ranges (a tokenization pass over the text counts them) and writes
+range I, byte for byte the whole dump's files under the same names; 'lcprobe
+merge' links the N directories' files into one and writes the whole dump's
+index.json. --resume continues a part like any dump.
 """
 
 
@@ -59,6 +67,7 @@ def add_parser(sub: Any) -> None:
                    help="stop after this many tokens, BOS tokens included (default: the whole text)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard; one shard is held in memory (default {DEFAULT_SHARD_TOKENS})")
+    add_shard_arg(p, "dump's safetensors files, a contiguous range each")
     p.add_argument("-o", "--output", default=None, help="output directory (default: results/<model>/dump)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted dump in -o (same model, text and options)")
@@ -70,7 +79,7 @@ def dump_options(args: argparse.Namespace) -> "DumpOptions":
 
     sites = tuple(s.strip() for s in str(args.sites).split(",") if s.strip())
     return DumpOptions(sites=sites, layers=args.layers, dtype=args.dtype, window=args.ctx_size,
-                       shard_tokens=args.shard_tokens, max_tokens=args.max_tokens)
+                       shard_tokens=args.shard_tokens, max_tokens=args.max_tokens, part=parse_shard(args.shard))
 
 
 def _progress(console: Any, enabled: bool, by_tokens: bool):
@@ -149,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     size = sum(s["bytes"] for s in index["shards"])
     kept = f" ({outcome.tokens_kept} kept from the interrupted run)" if outcome.tokens_kept else ""
+    part = index.get("part")
+    if part:
+        kept += (f" (shard {part['index']}/{part['count']}: tokens {part['tokens'][0]}..{part['tokens'][1]} "
+                 f"of {part['total_tokens']})")
     print(f"dump of {info.name}: {index['n_tokens']} tokens{kept} in {index['n_windows']} windows, "
           f"{len(index['tensors'])} tensors x {info.n_embd} {index['dtype']}, {shards} shards, "
           f"{size / 1e6:.1f} MB, {outcome.tokens_per_second:.0f} tokens/s -> {out_dir / 'index.json'}")

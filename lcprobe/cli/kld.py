@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lcprobe.cli.common import add_model_args
+from lcprobe.cli.common import add_model_args, add_shard_arg, parse_shard
 
 EPILOG = """\
 examples:
@@ -19,6 +19,8 @@ examples:
   lcprobe kld -m models/q/model-F16.gguf -m models/q/model-Q8_0.gguf -m models/q/model-Q4_K_M.gguf \\
       --text wiki.test.raw -c 512 --chunks 100 -o results/kld
   lcprobe report results/kld
+  lcprobe kld -m ... --shard 1/2 -o results/kld-1      # on one machine, 2/2 on another,
+  lcprobe merge results/kld-1 results/kld-2 -o results/kld
 
 The text is scored as llama-perplexity scores it: tokenized whole, cut into
 chunks of -c tokens, each chunk's first token replaced by BOS when the model adds
@@ -26,7 +28,9 @@ one, the second half of each chunk scored. The final block uses llama.cpp's
 logits of both models; the per-layer table compares base layer l with quantized
 layer l under each model's logit lens (KLD, same top token, RMS Δp) and the
 residual's relative L2 error and cosine after the block and after attention.
-Output: DIR/kld.json.
+Output: DIR/kld.json. With --shard I/N, a contiguous range of the chunks is
+scored and DIR/kld-values.npz keeps the per-token values; 'lcprobe merge'
+recomputes from them the kld.json the unsharded run writes.
 """
 
 
@@ -53,6 +57,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--layer-tokens", type=int, default=DEFAULT_LAYER_TOKENS,
                    help=f"scored tokens the per-layer lens runs on, evenly spaced in every chunk (default "
                         f"{DEFAULT_LAYER_TOKENS}; 0 = final block only)")
+    add_shard_arg(p, "text's chunks, a contiguous range each")
     p.add_argument("-o", "--output", required=True, help="output directory (kld.json)")
     p.add_argument("--quiet", action="store_true", help="no progress display and no per-layer table")
 
@@ -172,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     options = KldOptions(n_ctx=args.ctx_size, chunks=args.chunks, layers=args.layers,
                          layer_tokens=args.layer_tokens, n_batch=args.batch_size, n_threads=args.threads,
                          n_gpu_layers=args.n_gpu_layers,
-                         lens_backend=args.lens_backend, memory_check=args.memory_check)
+                         lens_backend=args.lens_backend, memory_check=args.memory_check,
+                         shard=parse_shard(args.shard))
     options.validate()
     text = read_text(args.text)
     plan = plan_models(args.model, args.layers)
@@ -188,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
     with KldDisplay(console, len(args.model), enabled=not args.quiet) as live:
         result = run_kld(args.model, out_dir, text, options, progress=live)
     tx = result["text"]
-    console.print(f"{tx['chunks']} chunks of {tx['n_ctx']} tokens, {tx['tokens_scored']} tokens scored")
+    sh = result.get("shard")
+    part = (f" (shard {sh['index']}/{sh['count']}: chunks {sh['chunks'][0] + 1}..{sh['chunks'][1]} of "
+            f"{sh['n_chunk']})" if sh else "")
+    console.print(f"{tx['chunks']} chunks of {tx['n_ctx']} tokens{part}, {tx['tokens_scored']} tokens scored")
     for m in result["models"]:
         console.print(f"\n[bold]{Path(m['path']).name}[/] ({m['quant']}, {m['bpw']:.2f} bpw) vs "
                       f"{Path(result['base']['path']).name}")

@@ -14,6 +14,13 @@ temporary name and renamed, then ``index.json`` is rewritten atomically: a
 shard not listed in the index does not exist as far as readers and
 ``--resume`` are concerned.
 
+A part of a dump (``lcprobe dump --shard I/N``; the shard files above are
+another thing) holds the files of a contiguous range of the whole dump's,
+under the whole dump's names and with its ``first_token`` values; its index
+has a ``part`` record (``index``, ``count``, ``files`` and ``tokens`` as
+``[start, stop)``, ``total_tokens``, ``total_windows``, ``total_files``) and
+reads back as its own rows. :func:`merge_dump` joins the parts.
+
 This module reads and writes files only; it never imports llama.cpp (reading a
 dump works on a machine without a llama.cpp build).
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +52,10 @@ DTYPES = {"float16": "float16", "f16": "float16", "fp16": "float16",
 
 #: Index keys that must be equal for --resume to continue a dump.
 RESUME_KEYS = ("model_sha256", "sites", "layers", "dtype", "text_sha256", "window", "shard_tokens",
-               "max_tokens", "decode")
+               "max_tokens", "decode", "part")
+#: Index keys every part of one dump must agree on (``decode`` without n_gpu_layers, a per-machine setting).
+PART_KEYS = ("format_version", "model_sha256", "n_layer", "n_embd", "sites", "layers", "tensors", "dtype",
+             "text_sha256", "text_bytes", "window", "decode", "shard_tokens", "max_tokens")
 
 
 def check_dtype(dtype: str) -> str:
@@ -263,3 +274,90 @@ def _layer_text(layers: list[int]) -> str:
 def read_dump(path: str | os.PathLike) -> Dump:
     """Open a directory written by ``lcprobe dump`` (see :class:`Dump`)."""
     return Dump(path)
+
+
+# --- joining the parts of a dump ----------------------------------------------------------
+
+
+def _part_key(index: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k in PART_KEYS:
+        v = index.get(k)
+        if k == "window" and isinstance(v, dict):
+            v = {a: b for a, b in v.items() if a != "note"}
+        elif k == "decode" and isinstance(v, dict):
+            v = {a: b for a, b in v.items() if a != "n_gpu_layers"}
+        out[k] = v
+    part = index["part"]
+    out.update({k: part.get(k) for k in ("total_tokens", "total_windows", "total_files")})
+    out["llama-cpp-python version"] = index.get("versions", {}).get("llama_cpp_python")
+    return out
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src``'s content: a hard link where the file system allows, else a copy."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def merge_dump(dirs: list[Path], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Join the parts of one dump into ``out_dir``: their files (linked or copied, byte-identical to
+    the whole dump's) and the index.json the whole dump writes; return that index. Reads files only."""
+    from lcprobe.results.merge import MergeError, check_indices, shard_range
+
+    out = Path(out_dir)
+    parts = []
+    for d in dirs:
+        index = read_index(d)
+        part = index.get("part")
+        if not isinstance(part, dict):
+            raise MergeError(f"{d} is not a shard (dumped without --shard I/N)")
+        if not index.get("complete"):
+            raise MergeError(f"shard {part['index']}/{part['count']} in {d} is incomplete; "
+                             "finish it with the same command plus --resume")
+        parts.append((Path(d), index))
+    parts.sort(key=lambda p: p[1]["part"]["index"])
+    d0, first = parts[0]
+    key0 = _part_key(first)
+    for d, index in parts[1:]:
+        key = _part_key(index)
+        diff = [k for k in key0 if key[k] != key0[k]]
+        if diff:
+            raise MergeError(f"{d} and {d0} are not shards of one dump: different {', '.join(diff)}")
+    check_indices([(d, int(i["part"]["index"]), int(i["part"]["count"])) for d, i in parts])
+    size, n_files = int(first["shard_tokens"]), int(first["part"]["total_files"])
+    entries = []
+    for d, index in parts:
+        part = index["part"]
+        f0, f1 = shard_range(n_files, int(part["index"]), int(part["count"]))
+        names = [shard_name(k) for k in range(f0, f1)]
+        if [e["file"] for e in index["shards"]] != names or part["files"] != [f0, f1]:
+            raise MergeError(f"{d} does not hold the shard files {f0}..{f1 - 1} that part "
+                             f"{part['index']}/{part['count']} of {n_files} should")
+        for e in index["shards"]:
+            p = d / e["file"]
+            if not p.is_file() or p.stat().st_size != e["bytes"]:
+                raise MergeError(f"{p}: listed in {INDEX} but missing or of another size")
+            if e["first_token"] != sum(x["n_tokens"] for x in entries):
+                raise MergeError(f"{p} starts at token {e['first_token']}, the parts before it end at "
+                                 f"{sum(x['n_tokens'] for x in entries)}")
+            entries.append(dict(e, path=p))
+    total = int(first["part"]["total_tokens"])
+    if sum(e["n_tokens"] for e in entries) != total:
+        raise MergeError(f"the parts hold {sum(e['n_tokens'] for e in entries)} tokens, the dump has {total}")
+    if any(out.resolve() == d.resolve() for d, _ in parts):
+        raise MergeError(f"-o {out} is one of the shards; write the merge elsewhere")
+    out.mkdir(parents=True, exist_ok=True)
+    # No index while the files change: a reader or --resume sees no dump rather than a mixed one.
+    (out / INDEX).unlink(missing_ok=True)
+    for e in entries:
+        _link(e.pop("path"), out / e["file"])
+    merged = {k: v for k, v in first.items() if k != "part"}
+    merged.update(shards=entries, n_tokens=total, n_windows=first["part"]["total_windows"], complete=True)
+    write_index(out, merged)
+    return merged

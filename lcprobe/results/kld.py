@@ -1,16 +1,29 @@
-"""``DIR/kld.json``: what ``lcprobe kld`` measured (layout in :mod:`lcprobe.studies.kld`)."""
+"""``DIR/kld.json``: what ``lcprobe kld`` measured (layout in :mod:`lcprobe.studies.kld`).
+
+A ``--shard I/N`` run also writes ``DIR/kld-values.npz``: the per-token values
+its statistics come from (``m<k>.<name>`` for quantized model k's final
+block, ``m<k>.l<j>.<name>`` for its j-th per-layer row). Medians and
+percentiles need every value, and float sums are only reproducible from the
+values themselves, so ``lcprobe merge`` recomputes the statistics from the
+concatenated values rather than from the shards' summaries.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lcprobe.errors import LcprobeError
 from lcprobe.files.atomic import write_atomic
 
 KLD_JSON = "kld.json"
+KLD_VALUES = "kld-values.npz"
 TEXT_KEYS = ("path", "sha256", "n_ctx", "chunks", "tokens_scored")
 MODEL_KEYS = ("path", "quant", "bpw", "final", "layers")
 
@@ -48,3 +61,23 @@ def read_kld(out_dir: str | Path) -> dict[str, Any]:
         if missing:
             raise LcprobeError(f"{p}: a model entry lacks {', '.join(missing)}")
     return data
+
+
+def write_values(out_dir: str | Path, values: dict[str, np.ndarray]) -> Path:
+    """A shard's per-token values, written atomically (uncompressed: they are float noise)."""
+    buf = io.BytesIO()
+    np.savez(buf, **values)
+    path = Path(out_dir) / KLD_VALUES
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def read_values(out_dir: str | Path) -> dict[str, np.ndarray]:
+    p = Path(out_dir) / KLD_VALUES
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise LcprobeError(f"{p} not found: the shard's per-token values are needed to merge it") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise LcprobeError(f"{p}: not readable ({exc})") from None

@@ -41,6 +41,34 @@ def from_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
     return [p for a, b in ranges for p in range(a, b)]
 
 
+def shard_range(total: int, index: int, count: int) -> tuple[int, int]:
+    """``[start, stop)`` of part ``index`` (1-based) of ``count`` contiguous parts of ``total`` units.
+
+    Depends on nothing but the three numbers, so every machine cuts the same
+    parts; they differ in size by at most one unit, and one is empty only when
+    ``count > total``.
+    """
+    return (index - 1) * total // count, index * total // count
+
+
+def check_indices(parts: Sequence[tuple[Path, int, int]]) -> None:
+    """Raise unless ``(dir, index, count)`` are every part of one count, each once."""
+    if not parts:
+        raise MergeError("nothing to merge")
+    d0, _, n0 = parts[0]
+    for d, _, n in parts[1:]:
+        if n != n0:
+            raise MergeError(f"{d} is a shard of {n}, {d0} of {n0}")
+    seen: dict[int, Path] = {}
+    for d, i, n in parts:
+        if i in seen:
+            raise MergeError(f"shard {i}/{n} given twice: {seen[i]} and {d}")
+        seen[i] = d
+    missing = sorted(set(range(1, n0 + 1)) - set(seen))
+    if missing:
+        raise MergeError(f"shard(s) {', '.join(f'{i}/{n0}' for i in missing)} missing")
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -94,14 +122,7 @@ def check_partition(shards: Sequence[Shard]) -> None:
         if s.items_fit != first.items_fit:
             raise MergeError(f"{s.dir} and {first.dir} disagree on the number of items ({s.items_fit} vs "
                              f"{first.items_fit})")
-    seen: dict[int, Path] = {}
-    for s in shards:
-        if s.index in seen:
-            raise MergeError(f"shard {s.index}/{s.count} given twice: {seen[s.index]} and {s.dir}")
-        seen[s.index] = s.dir
-    missing = sorted(set(range(1, first.count + 1)) - set(seen))
-    if missing:
-        raise MergeError(f"shard(s) {', '.join(f'{i}/{first.count}' for i in missing)} missing")
+    check_indices([(s.dir, s.index, s.count) for s in shards])
     owner: dict[int, Path] = {}
     for s in shards:
         for p in s.positions:

@@ -16,6 +16,18 @@ nor the windows are held in memory as a whole. A stop request is honoured
 after the current window; the rows of the unfinished shard are dropped and
 decoded again on resume, so shards always hold ``shard_tokens`` rows and a
 resumed dump is byte-identical to an uninterrupted one.
+
+*Parts* (``--shard I/N``, ``DumpOptions.part``; not to be confused with the
+shard files of ``shard_tokens`` rows): the shard files the whole dump would
+have are split into N contiguous ranges (:func:`lcprobe.results.merge.shard_range`
+over their count, which a tokenization pass over the text gives) and part I
+writes only its range's files, under their own names. It decodes the windows
+that overlap its rows, the first from its start as the whole dump does (the
+rows before the part's first are dropped, as on resume) and the last only up
+to the decode batch holding the part's last row, so its files are
+byte-identical to the whole dump's. At most one window per boundary between
+parts is decoded twice. ``lcprobe merge`` links the parts' files into one
+directory and writes the whole dump's index.json.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from lcprobe.llama.capture import Site
 from lcprobe.llama.loader import LoadedModel
 from lcprobe.results.dump import (DEFAULT_SHARD_TOKENS, FORMAT, FORMAT_VERSION, INDEX, check_dtype, read_index,
                                   resume_mismatch, shard_name, tensor_name, write_index, write_shard)
+from lcprobe.results.merge import shard_range
 from lcprobe.sites import check_site, parse_layers
 from lcprobe.results.lock import locks_output
 
@@ -62,10 +75,14 @@ class DumpOptions:
     window: int = 2048
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     max_tokens: int | None = None
+    # (i, n), --shard I/N: write only the i-th of n ranges of the dump's shard files; 'lcprobe merge' joins them
+    part: tuple[int, int] | None = None
 
     def validate(self) -> None:
         """Checks that need no model: refuse bad values before anything loads."""
         check_dtype(self.dtype)
+        if self.part is not None and not 1 <= self.part[0] <= self.part[1]:
+            raise LcprobeError(f"--shard {self.part[0]}/{self.part[1]}: I must be between 1 and N")
         if not self.sites:
             raise LcprobeError("--sites selects no site")
         for s in self.sites:
@@ -250,10 +267,12 @@ class ShardWriter:
     """The one shard buffer: rows are appended in token order; a full buffer is written and reused."""
 
     def __init__(self, out_dir: Path, index: dict[str, Any], names: list[str], n_embd: int, dtype: str,
-                 shard_tokens: int) -> None:
+                 shard_tokens: int, first_file: int = 0) -> None:
         self.dir = out_dir
         self.index = index
         self.size = shard_tokens
+        # a part's files are numbered, and their rows counted, as in the whole dump
+        self.first_file = first_file
         self.names = names
         self.arrays = {n: np.empty((shard_tokens, n_embd), dtype) for n in names}
         self.tokens = np.empty(shard_tokens, np.int32)
@@ -287,14 +306,14 @@ class ShardWriter:
         if self.fill == 0:
             return
         n = self.fill
-        k = len(self.index["shards"])
+        k = self.first_file + len(self.index["shards"])
         arrays = {name: a[:n] for name, a in self.arrays.items()}
         nonfinite = sum(int(np.count_nonzero(~np.isfinite(a))) for a in arrays.values())
         arrays["tokens"] = self.tokens[:n]
         arrays["positions"] = self.positions[:n]
         size = write_shard(self.dir / shard_name(k), arrays)
-        self.index["shards"].append({"file": shard_name(k), "first_token": self.written, "n_tokens": n,
-                                     "bytes": size, "n_nonfinite": nonfinite})
+        self.index["shards"].append({"file": shard_name(k), "first_token": self.first_file * self.size + self.written,
+                                     "n_tokens": n, "bytes": size, "n_nonfinite": nonfinite})
         self.index["n_tokens"] = self.written + n
         write_index(self.dir, self.index)
         self.fill = 0
@@ -307,8 +326,11 @@ def _bos(loaded: LoadedModel) -> list[int]:
     return loaded.engine.tokenize("", add_special=True)
 
 
-def dump_index(loaded: LoadedModel, text: TextSource, options: DumpOptions) -> dict[str, Any]:
-    """A fresh index: what is dumped and how (:data:`lcprobe.results.dump.RESUME_KEYS` must match to resume)."""
+def dump_index(loaded: LoadedModel, text: TextSource, options: DumpOptions,
+               part: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fresh index: what is dumped and how (:data:`lcprobe.results.dump.RESUME_KEYS` must match to resume).
+    A part's record (:func:`plan_part`) is the last key, so the merged index, which drops it, is the whole
+    dump's key for key."""
     from lcprobe.probing.session import versions
 
     info, lo = loaded.info, loaded.options
@@ -325,7 +347,24 @@ def dump_index(loaded: LoadedModel, text: TextSource, options: DumpOptions) -> d
                    "flash_attn": lo.flash_attn, "n_gpu_layers": lo.n_gpu_layers},
         "shard_tokens": options.shard_tokens, "max_tokens": options.max_tokens,
         "shards": [], "n_tokens": 0, "n_windows": None, "complete": False, "versions": versions(),
-    }
+    } | ({"part": part} if part is not None else {})
+
+
+def plan_part(loaded: LoadedModel, text: TextSource, options: DumpOptions) -> dict[str, Any]:
+    """Which shard files and rows part ``options.part`` writes: a tokenization pass over the whole text
+    (no decoding) gives the dump's length, its shard files are cut into contiguous ranges."""
+    i, n = options.part
+    tokenize = lambda s: loaded.engine.tokenize(s, add_special=False)  # noqa: E731
+    total = windows = 0
+    for win, _ in iter_windows(iter_paragraphs(text.path), tokenize, options.window, _bos(loaded),
+                               options.max_tokens):
+        total += len(win)
+        windows += 1
+    n_files = -(-total // options.shard_tokens)
+    f0, f1 = shard_range(n_files, i, n)
+    return {"index": i, "count": n, "files": [f0, f1],
+            "tokens": [f0 * options.shard_tokens, min(f1 * options.shard_tokens, total)],
+            "total_tokens": total, "total_windows": windows, "total_files": n_files}
 
 
 def check_existing(out_dir: str | os.PathLike, info: ModelInfo, options: DumpOptions, text: TextSource,
@@ -341,8 +380,11 @@ def check_existing(out_dir: str | os.PathLike, info: ModelInfo, options: DumpOpt
     pairs = tensor_pairs(info, options)
     new = {"sites": list(options.sites), "layers": sorted({layer for _, layer in pairs}),
            "dtype": check_dtype(options.dtype), "text_sha256": text.sha256, "shard_tokens": options.shard_tokens,
-           "max_tokens": options.max_tokens, "window": options.window}
-    old = {**old, "window": old.get("window", {}).get("tokens")}
+           "max_tokens": options.max_tokens, "window": options.window,
+           "part": list(options.part) if options.part else None}
+    part = old.get("part")
+    old = {**old, "window": old.get("window", {}).get("tokens"),
+           "part": [part["index"], part["count"]] if isinstance(part, dict) else None}
     diff = [k for k in new if old.get(k) != new[k]]
     if diff:
         _refuse_mismatch(out, diff)
@@ -354,7 +396,8 @@ def _refuse_existing(out_dir: Path, old: dict[str, Any]) -> None:
 
 
 def _refuse_mismatch(out_dir: Path, diff: list[str]) -> None:
-    raise LcprobeError(f"{out_dir} holds a dump with a different {', '.join(diff)}; "
+    names = [{"part": "--shard I/N"}.get(k, k) for k in diff]
+    raise LcprobeError(f"{out_dir} holds a dump with a different {', '.join(names)}; "
                        "use another -o or the same options as the first run")
 
 
@@ -407,15 +450,19 @@ def run_dump(
     rows_of = [nodes[info.site_name(s, layer)] for s, layer in pairs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index = _start(out, dump_index(loaded, src, options), resume)
+    part = plan_part(loaded, src, options) if options.part else None
+    index = _start(out, dump_index(loaded, src, options, part), resume)
     kept = int(index["n_tokens"])
+    # rows [first, stop) of the whole dump's token stream are this run's; those before ``done`` are on disk
+    first, stop = part["tokens"] if part else (0, None)
+    done = first + kept
     outcome = DumpOutcome(out, index, False, 0, kept, 0, 0.0)
     if index["complete"]:
         outcome.already_complete = True
         return outcome
 
     writer = ShardWriter(out, index, [tensor_name(s, layer) for s, layer in pairs], info.n_embd,
-                         index["dtype"], options.shard_tokens)
+                         index["dtype"], options.shard_tokens, part["files"][0] if part else 0)
     engine.set_sites([Site(name, info.n_embd) for name in nodes])
     n_batch = min(engine.n_batch, options.window)
     seen = 0  # tokens of the stream in finished windows
@@ -423,13 +470,15 @@ def run_dump(
     paragraphs = iter_paragraphs(src.path)
     tokenize = lambda s: engine.tokenize(s, add_special=False)  # noqa: E731
     for win, read in iter_windows(paragraphs, tokenize, options.window, index["window"]["bos"], options.max_tokens):
+        if stop is not None and seen >= stop:
+            break
         n = len(win)
-        skip = kept - seen  # leading rows of this window already in the kept shards
-        if skip < n:
-            _decode_window(engine, win, max(skip, 0), n_batch, rows_of, writer)
-            outcome.tokens_decoded += n
+        skip = max(done - seen, 0)  # leading rows of this window already in the kept shards (or before the part)
+        end = n if stop is None else min(n, stop - seen)  # rows past the part's last are another part's
+        if skip < end:
+            outcome.tokens_decoded += _decode_window(engine, win, skip, end, n_batch, rows_of, writer)
+        n_windows += max(seen, first) < seen + end  # the windows holding this dump's (or part's) rows
         seen += n
-        n_windows += 1
         if progress is not None:
             progress(DumpProgress(seen, outcome.tokens_decoded, writer.written, len(index["shards"]), read,
                                   src.n_bytes, options.max_tokens, time.perf_counter() - t0))
@@ -439,8 +488,8 @@ def run_dump(
     if outcome.interrupted:
         outcome.tokens_dropped = writer.fill
     else:
-        if seen < kept:
-            raise LcprobeError(f"the text gives {seen} tokens but {out} already holds {kept}; "
+        if seen < done:
+            raise LcprobeError(f"the text gives {seen} tokens but {out} already holds {done}; "
                                "was the text file changed?")
         writer.flush()
         index["n_windows"] = n_windows
@@ -450,18 +499,24 @@ def run_dump(
     return outcome
 
 
-def _decode_window(engine: Any, tokens: list[int], skip: int, n_batch: int, rows_of: list[int],
-                   writer: ShardWriter) -> None:
-    """Decode one window from an empty cache in n_batch chunks; append its rows from ``skip`` on."""
+def _decode_window(engine: Any, tokens: list[int], skip: int, end: int, n_batch: int, rows_of: list[int],
+                   writer: ShardWriter) -> int:
+    """Decode one window from an empty cache in n_batch chunks; append its rows ``[skip, end)``.
+
+    Batches past ``end`` are not decoded: causal attention leaves the earlier
+    batches' rows unchanged. Returns the tokens decoded."""
     n = len(tokens)
     engine.clear()
+    decoded = 0
     try:
-        for start in range(0, n, n_batch):
+        for start in range(0, min(n, end), n_batch):
             stop = min(start + n_batch, n)
             rows, _ = engine.decode(tokens[start:stop], range(start, stop), [[0]] * (stop - start),
                                     np.ones(stop - start, bool))
-            a = max(skip - start, 0)
-            if a < stop - start:
-                writer.add([rows[r, a:] for r in rows_of], tokens[start + a:stop], range(start + a, stop))
+            decoded += stop - start
+            a, b = max(skip - start, 0), min(end, stop) - start
+            if a < b:
+                writer.add([rows[r, a:b] for r in rows_of], tokens[start + a:start + b], range(start + a, start + b))
     finally:
         engine.clear()
+    return decoded

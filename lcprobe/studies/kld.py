@@ -36,6 +36,16 @@ the size is known in advance and checked against the free disk space); then
 each quantized model runs the same chunks against those files. Only per-token
 scalars stay in memory. The base's final norm and head (not the model) are kept
 for the per-layer lens. The store is deleted at the end.
+
+*Shards.* ``shard=(i, n)`` (``--shard I/N``) scores the i-th of n contiguous
+ranges of the chunks (:func:`lcprobe.results.merge.shard_range` over the whole
+text's chunk count). A chunk is decoded from an empty cache whatever else runs,
+and the per-layer positions are sampled from the whole run's chunk count, so
+a shard's per-token values are the unsharded run's, bit for bit. Its kld.json
+describes its own chunks and carries a ``shard`` record; ``kld-values.npz``
+keeps the per-token values, from which ``lcprobe merge`` recomputes every
+statistic (means, uncertainties, medians, percentiles) exactly as the
+unsharded run computes them.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import hashlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -56,8 +66,9 @@ from lcprobe.errors import LcprobeError
 from lcprobe.files.catalog import resolve_model
 from lcprobe.files.modelfile import ModelInfo, read_model_info, vocab_fingerprint
 from lcprobe.files.plan import fmt_bytes
-from lcprobe.results.kld import write_kld
+from lcprobe.results.kld import KLD_VALUES, write_kld, write_values
 from lcprobe.results.lock import locks_output
+from lcprobe.results.merge import shard_range
 from lcprobe.sites import parse_layers
 
 KLD_VERSION = 1
@@ -72,6 +83,13 @@ DISK_MARGIN = 1 << 30
 #: ``progress(label, chunks done, chunks total, running final stats or None)``
 Progress = Callable[[str, int, int, "dict[str, float] | None"], None]
 
+#: Per-token arrays of the final block, in :func:`lcprobe.analysis.kld.final_stats`'s argument order.
+FINAL_VALUES = ("nll_q", "nll_base", "kld", "dp", "same_top")
+#: Per-row arrays of one per-layer row, in :func:`lcprobe.analysis.kld.layer_stats`'s argument order.
+LAYER_VALUES = ("kld", "dp", "same", "rel", "cos", "rel_mid", "cos_mid")
+# Options that may differ between the machines running a kld's shards without changing a number.
+PER_MACHINE = ("shard", "n_threads", "n_gpu_layers", "memory_check")
+
 
 @dataclass(frozen=True)
 class KldOptions:
@@ -84,8 +102,13 @@ class KldOptions:
     n_gpu_layers: int | str = 0  # or "auto", resolved by the loader
     lens_backend: str = "numpy"
     memory_check: bool = True
+    shard: tuple[int, int] | None = None  # (i, n): the i-th of n ranges of chunks; 'lcprobe merge' joins them
 
     def validate(self) -> None:
+        if self.shard is not None:
+            i, n = self.shard
+            if not 1 <= i <= n:
+                raise LcprobeError(f"--shard {i}/{n}: I must be between 1 and N")
         if self.n_ctx < 4:
             raise LcprobeError(f"-c/--ctx-size must be at least 4 for kld (half of each chunk is scored), "
                                f"got {self.n_ctx}")
@@ -292,10 +315,37 @@ class LayerAcc:
     rel_mid: list[np.ndarray] = field(default_factory=list)
     cos_mid: list[np.ndarray] = field(default_factory=list)
 
-    def row(self, layer: int) -> dict[str, Any]:
-        cat = np.concatenate
-        return stats.layer_stats(layer, cat(self.kld), cat(self.dp), cat(self.same), cat(self.rel),
-                                 cat(self.cos), cat(self.rel_mid), cat(self.cos_mid))
+    def values(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate(getattr(self, k)) for k in LAYER_VALUES}
+
+
+def model_stats(values: dict[str, np.ndarray], layers: Sequence[int]) -> tuple[dict[str, float] | None,
+                                                                                 list[dict[str, Any]]]:
+    """kld.json's ``final`` and ``layers`` of one model from its per-token values (keys as in
+    kld-values.npz without the model prefix: ``kld``, ``l0.kld``, ...); None for ``final`` below two
+    tokens. The one place both an unsharded run and a merge compute them, so they agree bit for bit."""
+    final = None
+    if len(values["kld"]) >= 2:
+        final = stats.final_stats(*(values[k] for k in FINAL_VALUES))
+    rows = [stats.layer_stats(layer, *(values[f"l{j}.{k}"] for k in LAYER_VALUES)) for j, layer in enumerate(layers)]
+    return final, rows
+
+
+def shard_identity(result: dict[str, Any]) -> dict[str, Any]:
+    """What the kld.json of every shard of one run must agree on, by the name an error gives it."""
+    sh = result["shard"]
+    ident = {
+        "kld version": result.get("kld_version"),
+        "base model sha256": result["base"]["sha256"],
+        "models (sha256)": [m["sha256"] for m in result["models"]],
+        "text sha256": result["text"]["sha256"], "chunk size (-c)": result["text"]["n_ctx"],
+        "chunk count": sh["n_chunk"],
+        "lens": {k: result["lens"].get(k) for k in ("mode", "backend", "layers")},
+        "llama-cpp-python version": result.get("versions", {}).get("llama_cpp_python"),
+    }
+    opts = sh["options"]
+    ident.update({f"option {k}": v for k, v in opts.items() if k not in PER_MACHINE})
+    return ident
 
 
 def lens_compare(lens_b: Lens, lens_q: Lens, hb: np.ndarray, hq: np.ndarray, layer: int,
@@ -351,6 +401,8 @@ def run_kld(models: Sequence[str | Path], out_dir: str | Path, text: Text,
 
     options.validate()
     out = Path(out_dir)
+    # a previous shard's values would otherwise sit next to a kld.json they do not belong to
+    (out / KLD_VALUES).unlink(missing_ok=True)
     plan = plan_models(models, options.layers)
     layers = plan.layers if options.layer_tokens > 0 else []
     base_info = plan.base
@@ -363,21 +415,23 @@ def run_kld(models: Sequence[str | Path], out_dir: str | Path, text: Text,
         eng = lm.engine
         tokens = eng.tokenize(text.text, add_special=True)
         chunks = make_chunks(tokens, options.n_ctx, options.chunks, bos_token(eng, base_info))
+        span = chunk_span(chunks.n_chunk, options.shard)
+        # positions from the whole run's chunk count: a shard samples what the unsharded run samples
         sample = sample_positions(chunks.n_scored, chunks.n_chunk, len(layers) and options.layer_tokens)
-        store = BaseStore(out, chunks.n_chunk, chunks.n_scored, eng.n_vocab, n_sites, len(sample),
+        store = BaseStore(out, len(span), chunks.n_scored, eng.n_vocab, n_sites, len(sample),
                           base_info.n_embd)
         store.check_disk()
         store.create()
         base_sha = lm.sha256
         try:
             eng.set_sites(_sites(base_info, layers))
-            report(base_info.label, 0, chunks.n_chunk, None)
-            for i in range(chunks.n_chunk):
+            report(base_info.label, 0, len(span), None)
+            for s, i in enumerate(span):
                 rows, logits = decode_chunk(eng, chunks, i)
-                store["logprobs"][i] = log_softmax(logits, out=logits)
+                store["logprobs"][s] = log_softmax(logits, out=logits)
                 if n_sites:
-                    store["rows"][i] = rows[:, sample]
-                report(base_info.label, i + 1, chunks.n_chunk, None)
+                    store["rows"][s] = rows[:, sample]
+                report(base_info.label, s + 1, len(span), None)
             store.flush()
         except BaseException:
             store.remove()
@@ -389,34 +443,63 @@ def run_kld(models: Sequence[str | Path], out_dir: str | Path, text: Text,
         "base": {"path": str(base_info.path), "sha256": base_sha, "quant": base_info.quant,
                  "bpw": round(base_mix.bits_per_weight, 4), "arch": base_info.arch, "n_layer": base_info.n_layer,
                  "n_embd": base_info.n_embd, "n_vocab": base_info.n_vocab, "seconds": round(base_seconds, 2)},
-        "text": {"path": text.path, "sha256": text.sha256, "n_ctx": chunks.n_ctx, "chunks": chunks.n_chunk,
-                 "tokens_scored": chunks.n_chunk * chunks.n_scored},
+        "text": {"path": text.path, "sha256": text.sha256, "n_ctx": chunks.n_ctx, "chunks": len(span),
+                 "tokens_scored": len(span) * chunks.n_scored},
         "lens": {"mode": "final-norm", "backend": options.lens_backend, "layers": layers,
-                 "tokens_per_layer": chunks.n_chunk * len(sample)},
+                 "tokens_per_layer": len(span) * len(sample)},
         "versions": {"lcprobe": __version__, "llama_cpp_python": llama_cpp_version()},
         "models": [],
     }
+    values: dict[str, np.ndarray] = {}
+    if options.shard:
+        result["shard"] = {"index": options.shard[0], "count": options.shard[1], "chunks": [span.start, span.stop],
+                           "n_chunk": chunks.n_chunk, "n_models": len(plan.quants),
+                           "options": _options_record(options), "complete": False}
     try:
         base_lens = None
         if layers and any(plan.per_layer):
             base_lens = Lens(Unembed.from_model(base_info, backend=options.lens_backend,
                                                 n_threads=options.n_threads), base_info.n_layer)
-        for q, comparable in zip(plan.quants, plan.per_layer):
-            entry = _run_quant(q, text, comparable and base_lens is not None, layers, chunks, sample, store,
-                               base_lens, options, report)
+        for k, (q, comparable) in enumerate(zip(plan.quants, plan.per_layer)):
+            entry, vals = _run_quant(q, text, comparable and base_lens is not None, layers, chunks, span, sample,
+                                     store, base_lens, options, report)
             entry["bpw"] = round(type_mix(q).bits_per_weight, 4)
             result["models"].append(entry)
+            values.update({f"m{k}.{name}": v for name, v in vals.items()})
             write_kld(out, result)
     finally:
         store.remove()
         if base_lens is not None and base_lens.unembed.ggml is not None:
             base_lens.unembed.ggml.close()
+    if options.shard:
+        # the values before the record that says they are complete
+        write_values(out, values)
+        result["shard"]["complete"] = True
     write_kld(out, result)
     return result
 
 
-def _run_quant(info: ModelInfo, text: Text, per_layer: bool, layers: list[int], chunks: Chunks,
-               sample: np.ndarray, store: BaseStore, base_lens: Lens | None, options: KldOptions, report: Progress) -> dict[str, Any]:
+def chunk_span(n_chunk: int, shard: tuple[int, int] | None) -> range:
+    """The chunks a run scores: all of them, or a shard's contiguous range (refused when some shard of
+    ``n`` would get no chunk: every shard's kld.json holds statistics)."""
+    if shard is None:
+        return range(n_chunk)
+    i, n = shard
+    if n > n_chunk:
+        raise LcprobeError(f"--shard {i}/{n}: the text gives {n_chunk} chunk(s) of this -c, fewer than {n} "
+                           f"shards; use at most {n_chunk}")
+    return range(*shard_range(n_chunk, i, n))
+
+
+def _options_record(options: KldOptions) -> dict[str, Any]:
+    rec = asdict(options)
+    rec["shard"] = list(options.shard) if options.shard else None
+    return rec
+
+
+def _run_quant(info: ModelInfo, text: Text, per_layer: bool, layers: list[int], chunks: Chunks, span: range,
+               sample: np.ndarray, store: BaseStore, base_lens: Lens | None, options: KldOptions,
+               report: Progress) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     t0 = time.perf_counter()
     use = layers if per_layer else []
     acc = {k: [] for k in ("nll_base", "nll_q", "kld", "dp", "same_top")}
@@ -430,17 +513,17 @@ def _run_quant(info: ModelInfo, text: Text, per_layer: bool, layers: list[int], 
             raise LcprobeError(f"{info.path.name} and the base differ in their BOS token")
         lens_q = Lens(lm.unembed, info.n_layer) if use else None
         eng.set_sites(_sites(info, use))
-        report(info.label, 0, chunks.n_chunk, None)
-        for i in range(chunks.n_chunk):
+        report(info.label, 0, len(span), None)
+        for s, i in enumerate(span):
             rows, logits = decode_chunk(eng, chunks, i)
             logp_q = log_softmax(logits, out=logits)
-            logp_b = np.asarray(store["logprobs"][i])
+            logp_b = np.asarray(store["logprobs"][s])
             targets = chunks.targets(i)
             for k, v in stats.token_stats(logp_b, logp_q, targets).items():
                 acc[k].append(v)
             del logp_b, logp_q, logits
             if use:
-                base_rows = np.asarray(store["rows"][i])
+                base_rows = np.asarray(store["rows"][s])
                 t_sample = targets[sample]
                 n = len(use)
                 for li, layer in enumerate(use):
@@ -462,13 +545,14 @@ def _run_quant(info: ModelInfo, text: Text, per_layer: bool, layers: list[int], 
             if done >= 2:
                 running = stats.final_stats(*(np.concatenate(acc[k]) for k in
                                               ("nll_q", "nll_base", "kld", "dp", "same_top")))
-            report(info.label, i + 1, chunks.n_chunk, running)
+            report(info.label, s + 1, len(span), running)
         sha = lm.sha256
-    cat = {k: np.concatenate(v) for k, v in acc.items()}
-    final = stats.final_stats(cat["nll_q"], cat["nll_base"], cat["kld"], cat["dp"], cat["same_top"])
-    return {
+    values = {k: np.concatenate(v) for k, v in acc.items()}
+    for j, a in enumerate(layer_acc):
+        values.update({f"l{j}.{k}": v for k, v in a.values().items()})
+    final, rows = model_stats(values, use)
+    entry = {
         "path": str(info.path), "quant": info.quant, "bpw": None, "sha256": sha, "n_layer": info.n_layer,
-        "final": final,
-        "layers": [a.row(layer) for a, layer in zip(layer_acc, use)],
-        "seconds": round(time.perf_counter() - t0, 2),
+        "final": final, "layers": rows, "seconds": round(time.perf_counter() - t0, 2),
     }
+    return entry, values

@@ -1,14 +1,30 @@
-"""``lcprobe merge``: the shards of a run, a suite or a comparison joined into what an unsharded one writes.
+"""``lcprobe merge``: the shards of a run, a suite, a comparison, a kld or a dump joined into what an
+unsharded one writes.
 
 A run directory is merged by :func:`lcprobe.results.merge.merge_run`; a suite
 directory (suite.json) task by task, then suite.json and suite.csv rebuilt
 from the merged summaries. A comparison (compare.json) likewise, its paired
-task metrics recomputed from the merged items; its representation measures
-(KL, cosine, rel_l2, top-1) are the row-weighted means of the shards' (each
-shard compares up to --max-rows rows of its own items), which equal an
-unsharded comparison's when --max-rows covers every row, to the 6
-significant digits compare.json keeps. Reads and writes files only; no model
-is loaded.
+task metrics recomputed from the merged items (exact). Its representation
+measures (KL, cosine, rel_l2, top-1) are approximate, for two reasons. (1)
+Which rows: each shard compares the rows of its own first items up to
+--max-rows, so when --max-rows is below the task's row count the merge covers
+up to N x max_rows rows of other items than the unsharded run's first ones
+(``rows_compared`` says how many). (2) Rounding: compare.json keeps each
+shard's means to 6 significant digits, and the merge weights those rounded
+means by their rows and rounds again, so even when --max-rows covers every
+row (then the rows are the unsharded run's) a value can differ from the
+unsharded one in its 6th significant digit (relative 1e-5). An exact merge
+needs what compare.json does not hold: each shard's float64 per-layer sums
+(RepStats), and for bit-identity per-item sums re-added in the unsharded
+decode order, with a row budget fixed per item rather than first come.
+
+A kld (kld.json with a ``shard`` record): every statistic recomputed from the
+shards' per-token values (kld-values.npz) by the function the unsharded run
+uses, so kld.json equals the unsharded run's bit for bit apart from the
+``seconds`` (summed). A dump (index.json with a ``part`` record): by
+:func:`lcprobe.results.dump.merge_dump`, byte-identical files.
+
+Reads and writes files only; no model is loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +37,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from lcprobe.results.compare import COMPARE_JSON, read_compare, write_compare
-from lcprobe.results.merge import MergeError, merge_run
+from lcprobe.results.dump import INDEX as DUMP_INDEX
+from lcprobe.results.dump import merge_dump
+from lcprobe.results.kld import KLD_JSON, KLD_VALUES, read_kld, read_values, write_kld
+from lcprobe.results.merge import MergeError, check_indices, merge_run, shard_range
 from lcprobe.results.run import ITEMS, RUN, read_items
 from lcprobe.results.suite import SUITE_JSON, read_suite, write_suite
 from lcprobe.studies.suite import task_entry
@@ -120,8 +139,64 @@ def merge_compare(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     return result
 
 
+def merge_kld(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    from lcprobe.studies.kld import model_stats, shard_identity
+
+    parts = []
+    for d in dirs:
+        r = read_kld(d)
+        sh = r.get("shard")
+        if not isinstance(sh, dict):
+            raise MergeError(f"{d} is not a shard (kld run without --shard I/N)")
+        if not sh.get("complete") or len(r["models"]) != sh.get("n_models"):
+            raise MergeError(f"shard {sh.get('index')}/{sh.get('count')} in {d} is incomplete; run it again")
+        parts.append((d, r))
+    parts.sort(key=lambda p: p[1]["shard"]["index"])
+    d0, first = parts[0]
+    ident0 = shard_identity(first)
+    for d, r in parts[1:]:
+        ident = shard_identity(r)
+        diff = [k for k in ident0 if ident.get(k) != ident0[k]]
+        if diff:
+            raise MergeError(f"{d} and {d0} are not shards of one kld run: different {', '.join(diff)}")
+    check_indices([(d, int(r["shard"]["index"]), int(r["shard"]["count"])) for d, r in parts])
+    n_chunk = int(first["shard"]["n_chunk"])
+    for d, r in parts:
+        sh = r["shard"]
+        want = list(shard_range(n_chunk, int(sh["index"]), int(sh["count"])))
+        if sh["chunks"] != want:
+            raise MergeError(f"{d} holds chunks {sh['chunks'][0]}..{sh['chunks'][1] - 1}, shard "
+                             f"{sh['index']}/{sh['count']} of {n_chunk} chunks is {want[0]}..{want[1] - 1}")
+    values = [read_values(d) for d, _ in parts]
+    merged: dict[str, Any] = {k: v for k, v in first.items() if k != "shard"}
+    merged["base"] = dict(first["base"], seconds=round(sum(r["base"]["seconds"] for _, r in parts), 2))
+    merged["text"] = dict(first["text"], chunks=n_chunk,
+                          tokens_scored=sum(r["text"]["tokens_scored"] for _, r in parts))
+    merged["lens"] = dict(first["lens"], tokens_per_layer=sum(r["lens"]["tokens_per_layer"] for _, r in parts))
+    merged["models"] = []
+    for k, m in enumerate(first["models"]):
+        prefix = f"m{k}."
+        names = sorted({name[len(prefix):] for v in values for name in v if name.startswith(prefix)})
+        try:
+            vals = {name: np.concatenate([v[prefix + name] for v in values]) for name in names}
+        except KeyError as exc:
+            raise MergeError(f"a shard's kld-values.npz lacks {exc.args[0]}; run that shard again") from None
+        n = len(vals.get("kld", ()))
+        if n != merged["text"]["tokens_scored"]:
+            raise MergeError(f"the shards' kld-values.npz hold {n} tokens of {m['path']}, their kld.json "
+                             f"{merged['text']['tokens_scored']}; run the shards again")
+        final, rows = model_stats(vals, [row["layer"] for row in m["layers"]])
+        seconds = round(sum(r["models"][k]["seconds"] for _, r in parts), 2)
+        merged["models"].append(dict(m, final=final, layers=rows, seconds=seconds))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / KLD_VALUES).unlink(missing_ok=True)  # an unsharded run's directory has none
+    write_kld(out, merged)
+    return merged
+
+
 def merge_dirs(dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[str, dict[str, Any]]:
-    """Merge shard directories (all runs or all suites) into ``out_dir``: ("run" or "suite", its summary)."""
+    """Merge shard directories (all runs, suites, comparisons, klds or dumps) into ``out_dir``: (kind,
+    its summary)."""
     paths = [Path(d) for d in dirs]
     out = Path(out_dir)
     if len(paths) < 1:
@@ -132,7 +207,8 @@ def merge_dirs(dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[str, di
         if p.resolve() == out.resolve():
             raise MergeError(f"-o {out} is one of the shards; write the merge elsewhere")
     def kind(p: Path) -> str | None:
-        for name, marker in (("suite", SUITE_JSON), ("compare", COMPARE_JSON), ("run", RUN)):
+        for name, marker in (("suite", SUITE_JSON), ("compare", COMPARE_JSON), ("run", RUN), ("kld", KLD_JSON),
+                             ("dump", DUMP_INDEX)):
             if (p / marker).exists():
                 return name
         return None
@@ -140,18 +216,29 @@ def merge_dirs(dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[str, di
     kinds = {kind(p) for p in paths}
     if None in kinds:
         bad = next(p for p in paths if kind(p) is None)
-        raise MergeError(f"{bad} is not a run ({RUN}), suite ({SUITE_JSON}) or comparison ({COMPARE_JSON}) "
-                         "directory")
+        raise MergeError(f"{bad} is not a run ({RUN}), suite ({SUITE_JSON}), comparison ({COMPARE_JSON}), "
+                         f"kld ({KLD_JSON}) or dump ({DUMP_INDEX}) directory")
     if len(kinds) > 1:
         raise MergeError(f"cannot merge {' with '.join(sorted(kinds))} directories")
     if kinds == {"suite"}:
         return "suite", merge_suite(paths, out)
     if kinds == {"compare"}:
         return "compare", merge_compare(paths, out)
+    if kinds == {"kld"}:
+        return "kld", merge_kld(paths, out)
+    if kinds == {"dump"}:
+        return "dump", merge_dump(paths, out)
     return "run", merge_run(paths, out)
 
 
 def describe(kind: str, result: dict[str, Any]) -> str:
+    if kind == "kld":
+        tx = result["text"]
+        return (f"merged kld: {len(result['models'])} model(s) against {Path(result['base']['path']).name}, "
+                f"{tx['chunks']} chunks, {tx['tokens_scored']} tokens scored")
+    if kind == "dump":
+        return (f"merged dump: {result['n_tokens']} tokens in {result['n_windows']} windows, "
+                f"{len(result['shards'])} shard files")
     if kind == "compare":
         return f"merged comparison: {len(result['models'])} model(s) x {len(result['tasks'])} task(s)"
     if kind == "suite":
