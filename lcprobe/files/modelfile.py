@@ -12,6 +12,9 @@ import functools
 import hashlib
 import os
 import re
+import sys
+from collections.abc import Sequence
+from typing import Callable
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
@@ -204,6 +207,26 @@ class _BadTensor(ValueError):
     pass
 
 
+class _LazyParts(Sequence):
+    """A long array field's parts (numpy views, as gguf-py lays them out), made when first read."""
+
+    def __init__(self, build: Callable[[], list]) -> None:
+        self._build: Callable[[], list] | None = build
+        self._parts: list | None = None
+
+    def _all(self) -> list:
+        if self._parts is None:
+            assert self._build is not None
+            self._parts, self._build = self._build(), None
+        return self._parts
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 class _BoundedReader(gguf.GGUFReader):
     """gguf-py's reader, stopped at the end of the file.
 
@@ -222,6 +245,59 @@ class _BoundedReader(gguf.GGUFReader):
             if n_items * least > len(self.data) - orig_offs - 12:
                 raise _PastEnd(_PAST_END)
         return super()._get_field_parts(orig_offs, raw_type)
+
+    def _build_fields(self, offs, count):  # type: ignore[override]
+        # gguf-py makes a numpy view per array item: 12 s for Gemma 3's 262k-token
+        # vocabulary (three arrays). Long arrays are measured here by one pass over
+        # their string lengths and their parts made on first use, as gguf-py would.
+        for _ in range(count):
+            orig_offs = offs
+            klen, kdata = self._get_str(offs)
+            offs += int(klen.nbytes + kdata.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += int(raw_type.nbytes)
+            head = [klen, kdata, raw_type]
+            lazy = self._lazy_array(offs, int(raw_type[0]), head)
+            if lazy is not None:
+                size, parts, data, types = lazy
+            else:
+                size, fparts, idxs, types = self._get_field_parts(offs, raw_type[0])
+                parts, data = head + fparts, [i + len(head) for i in idxs]
+            self._push_field(gguf.ReaderField(orig_offs, str(bytes(kdata), encoding="utf-8"), parts, data, types),
+                             skip_sum=True)
+            offs += size
+        return offs
+
+    def _lazy_array(self, offs: int, raw_type: int, head: list):
+        """(size, parts, data, types) of a long string or scalar array, its parts built on first use."""
+        if raw_type != _ARRAY or self.byte_order != "I" or sys.byteorder != "little":
+            return None
+        item_type = int(self._get(offs, np.uint32)[0])
+        n_items = int(self._get(offs + 4, np.uint64)[0])
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if n_items < _LAZY_ITEMS or (scalar is None and item_type != _STRING):
+            return None
+        start = offs + 12
+        if n_items * (np.dtype(scalar).itemsize if scalar is not None else 8) > len(self.data) - start:
+            raise _PastEnd(_PAST_END)
+        if scalar is not None:
+            size = 12 + n_items * np.dtype(scalar).itemsize
+            data = list(range(len(head) + 2, len(head) + 2 + n_items))
+        else:
+            end, buf, pos = len(self.data), memoryview(self.data), start
+            for _ in range(n_items):
+                if pos + 8 > end:
+                    raise _PastEnd(_PAST_END)
+                pos += 8 + int.from_bytes(buf[pos:pos + 8], "little")
+            if pos > end:
+                raise _PastEnd(_PAST_END)
+            size = pos - offs
+            data = list(range(len(head) + 3, len(head) + 2 + 2 * n_items, 2))
+        build = functools.partial(self._array_parts, offs, head)
+        return size, _LazyParts(build), data, [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(item_type)]
+
+    def _array_parts(self, offs: int, head: list) -> list:
+        return head + gguf.GGUFReader._get_field_parts(self, offs, _ARRAY)[1]
 
     def _build_tensors(self, start_offs, fields):  # type: ignore[override]
         for f in fields:
@@ -262,6 +338,8 @@ def _check_tensor_info(f, data_start: int, size: int, alignment: int) -> None:
 
 
 _ARRAY = int(gguf.GGUFValueType.ARRAY)
+_STRING = int(gguf.GGUFValueType.STRING)
+_LAZY_ITEMS = 1024  # arrays at least this long are read lazily (vocabularies, merges)
 _PAST_END = "the header or the tensor data run past the end of the file (truncated download?)"
 
 
