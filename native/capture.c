@@ -1077,11 +1077,33 @@ static PyObject *py_trace(PyObject *self, PyObject *args) {
 PyObject *lcp_lens_new(PyObject *self, PyObject *args);
 PyObject *lcp_lens_logits(PyObject *self, PyObject *args);
 
+/* native/device_lens.c */
+PyObject *lcp_device_lens_new(PyObject *self, PyObject *args);
+PyObject *lcp_device_lens_set(PyObject *self, PyObject *args);
+PyObject *lcp_device_lens_logits(PyObject *self, PyObject *args);
+PyObject *lcp_device_lens_pick(PyObject *self, PyObject *args);
+PyObject *lcp_device_lens_info(PyObject *self, PyObject *cap);
+PyObject *lcp_device_lens_close(PyObject *self, PyObject *cap);
+
 static PyMethodDef lcp_methods[] = {
     {"lens_new", lcp_lens_new, METH_VARARGS,
      "lens_new(addresses: dict, head, head_type, n_embd, n_vocab) -> lens (see native/ggml_lens.c)"},
     {"lens_logits", lcp_lens_logits, METH_VARARGS,
      "lens_logits(lens, x, out, n_threads): out = x @ head.T with ggml's CPU kernels"},
+    {"device_lens_new", lcp_device_lens_new, METH_VARARGS,
+     "device_lens_new(addresses: dict, device: int, head_type, n_embd, n_vocab, n_threads) -> lens: a head "
+     "buffer on a ggml-backend device (see native/device_lens.c)"},
+    {"device_lens_set", lcp_device_lens_set, METH_VARARGS,
+     "device_lens_set(lens, offset, data): copy the next head bytes to the device, front to back"},
+    {"device_lens_logits", lcp_device_lens_logits, METH_VARARGS,
+     "device_lens_logits(lens, x, out, inv_scale, softcap): full logits (n, n_vocab) computed on the device"},
+    {"device_lens_pick", lcp_device_lens_pick, METH_VARARGS,
+     "device_lens_pick(lens, x, idx int32 (n, k), out float32 (n, k), inv_scale, softcap): log-softmax on the "
+     "device, only the idx entries come back"},
+    {"device_lens_info", lcp_device_lens_info, METH_O,
+     "device_lens_info(lens) -> dict: backend name, head bytes, buffer bytes, bytes set"},
+    {"device_lens_close", lcp_device_lens_close, METH_O,
+     "device_lens_close(lens): free the device memory now"},
     {"trace", py_trace, METH_VARARGS, trace_doc},
     {"new", py_new, METH_O, new_doc},
     {"callback_address", py_callback_address, METH_NOARGS, callback_address_doc},

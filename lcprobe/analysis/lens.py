@@ -10,6 +10,12 @@ Modes (``Lens.mode``):
 - ``raw``: the head alone on layers 1..N-1 and norm + head on layer N, which
   is what Chen et al.'s code computes (their last hidden state is already
   normed by the framework).
+
+Backends (``Unembed.backend``): ``numpy`` (the float32 dequantized head, here),
+``ggml`` (the stored head through ggml's CPU kernels, full logits back) and
+``device`` (the head on the device holding the output layer; the
+log-softmax and the pick of the scored tokens run there too, so
+:meth:`Lens.token_log_probs` gets a few floats per row: docs/lens-device.md).
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import TYPE_CHECKING
 from lcprobe.files.modelfile import ModelInfo, read_head, read_head_raw
 
 if TYPE_CHECKING:
+    from lcprobe.llama.device_head import DeviceHead
     from lcprobe.llama.ggml_head import GgmlHead
 
 LENS_MODES = ("final-norm", "raw")
-LENS_BACKENDS = ("numpy", "ggml")
+LENS_BACKENDS = ("numpy", "ggml", "device")
 
 DEFAULT_BUDGET = 32 << 20
 
@@ -37,7 +44,8 @@ class Unembed:
     """Final norm and output head of one model.
 
     ``head`` is the dequantized float32 head (numpy backend) or None when a
-    :class:`GgmlHead` evaluates the stored head instead.
+    :class:`GgmlHead` evaluates the stored head instead, or a
+    :class:`DeviceHead` holds the head on a ggml-backend device.
     """
 
     norm_weight: np.ndarray  # (n_embd,)
@@ -49,18 +57,29 @@ class Unembed:
     scale: float = 1.0
     ggml: "GgmlHead | None" = None
     vocab_size: int = 0
+    device: "DeviceHead | None" = None
 
     @classmethod
-    def from_model(cls, info: ModelInfo, backend: str = "numpy", n_threads: int | None = None) -> "Unembed":
+    def from_model(cls, info: ModelInfo, backend: str = "numpy", n_threads: int | None = None, *,
+                   n_gpu_layers: int = 0, rpc: tuple[str, ...] = (),
+                   tensor_split: tuple[float, ...] = ()) -> "Unembed":
+        """The model's final norm and head for ``backend``. The device backend places the head where
+        llama.cpp puts the output layer for this ``n_gpu_layers`` / ``rpc`` / ``tensor_split``
+        (the engine's values: ``EngineConfig.gpu_layers`` etc.; the defaults mean the CPU)."""
         if backend not in LENS_BACKENDS:
             raise ValueError(f"unknown lens backend '{backend}' ({', '.join(LENS_BACKENDS)})")
         w = read_head(info.path, info, head=backend == "numpy")
-        ggml = None
+        ggml = device = None
         if backend == "ggml":
             raw, ggml_type, rows = read_head_raw(info.path, info)
-            from lcprobe.llama.ggml_head import GgmlHead  # the only native part of the lens
+            from lcprobe.llama.ggml_head import GgmlHead  # native parts of the lens load only when asked for
 
             ggml = GgmlHead(raw, ggml_type, info.n_embd, rows, n_threads)
+        elif backend == "device":
+            from lcprobe.llama.device_head import DeviceHead
+
+            device = DeviceHead.from_model(info, n_threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
+                                           tensor_split=tensor_split)
         return cls(
             norm_weight=w["norm_weight"],
             head=w.get("head"),
@@ -71,11 +90,26 @@ class Unembed:
             scale=info.logit_scale,
             ggml=ggml,
             vocab_size=info.n_vocab,
+            device=device,
         )
 
     @property
     def backend(self) -> str:
+        if self.device is not None:
+            return "device"
         return "ggml" if self.ggml is not None else "numpy"
+
+    @property
+    def can_pick(self) -> bool:
+        """Whether :meth:`pick_log_probs` computes the picks itself (never the full rows on the host)."""
+        return self.device is not None
+
+    def close(self) -> None:
+        """Free the ggml or device copy of the head now rather than at garbage collection."""
+        if self.ggml is not None:
+            self.ggml.close()
+        if self.device is not None:
+            self.device.close()
 
     @property
     def n_vocab(self) -> int:
@@ -89,6 +123,8 @@ class Unembed:
                 h.update(np.ascontiguousarray(arr).data)
         if self.ggml is not None:
             h.update(self.ggml._digest.encode())
+        if self.device is not None:
+            h.update(self.device.digest.encode())
         h.update(f"{self.norm}:{self.eps}:{self.softcap}:{self.scale}:{self.backend}".encode())
         return h.hexdigest()
 
@@ -104,7 +140,14 @@ class Unembed:
         return out.astype(np.float32, copy=False)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Head (and any logit scale / soft-cap) on already-normed rows."""
+        """Head (and any logit scale / soft-cap) on already-normed rows.
+
+        The device backend computes the full rows on its device (scale and
+        soft-cap included) and copies them back: what logit_lens and
+        top_tokens need; scoring goes through :meth:`pick_log_probs`.
+        """
+        if self.device is not None:
+            return self.device.logits(x, 1.0 / self.scale, self.softcap)
         if self.ggml is not None:
             z = self.ggml.matmul(x)
             if z.shape[1] != self.n_vocab:
@@ -118,6 +161,14 @@ class Unembed:
             np.tanh(z, out=z)
             z *= self.softcap
         return z
+
+    def pick_log_probs(self, x: np.ndarray, rows: np.ndarray, tokens: np.ndarray,
+                       chunk_rows: int | None = None) -> np.ndarray:
+        """``log_softmax(logits(x[rows[i]]))[tokens[i]]`` per pair, computed where the head is
+        (only with :attr:`can_pick`); ``chunk_rows`` bounds the rows of one device graph."""
+        if self.device is None:
+            raise ValueError(f"the {self.backend} lens backend computes full rows; use logits()")
+        return self.device.pick(x, rows, tokens, 1.0 / self.scale, self.softcap, chunk_rows)
 
 
 class Lens:
@@ -158,6 +209,11 @@ class Lens:
         tok = np.concatenate(targets).astype(np.int64) if n_rows else np.zeros(0, np.int64)
         # Stack every layer's rows so BLAS sees one tall matrix per chunk.
         x = np.concatenate([self.transform(hs[li], layer) for li, layer in enumerate(layers)])
+        if self.unembed.can_pick:
+            # row li * n_rows + r asks for targets[r]: pairs come back layer by layer, in tok's order
+            rows = np.repeat(np.arange(len(x)), np.tile(counts, n_layers))
+            picked = self.unembed.pick_log_probs(x, rows, np.tile(tok, n_layers), self._chunk_rows())
+            return picked.reshape(n_layers, len(tok))
         starts = np.concatenate([[0], np.cumsum(counts)])
         out = np.empty(n_layers * len(tok), np.float32)
         step = self._chunk_rows()

@@ -74,10 +74,12 @@ def add_model_args(p: argparse.ArgumentParser, loads: bool = True) -> None:
                    help="KV cache cells shared by the prompt prefix and the items decoded together (default 2048)")
     p.add_argument("-b", "--batch-size", type=int, default=512,
                    help="tokens per llama_decode (default 512)")
-    p.add_argument("--lens-backend", choices=("numpy", "ggml"), default="numpy",
+    p.add_argument("--lens-backend", choices=("numpy", "ggml", "device"), default="numpy",
                    help="numpy: float32 product with the dequantized head (default; what transformers "
                         "would compute on the dequantized GGUF); ggml: the stored (quantized) head through "
-                        "ggml's CPU kernels, exactly llama.cpp's own logits")
+                        "ggml's CPU kernels, exactly llama.cpp's own logits; device: the float32 head and the "
+                        "log-softmax on the device that holds the output layer (GPU, RPC server; the CPU at "
+                        "-ngl 0), only the scored log-probabilities come back")
     p.add_argument("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                    help="llama.cpp RPC servers ('lcprobe rpc-server' or llama.cpp's rpc-server) whose devices hold "
                         "the offloaded layers (every layer unless -ngl says fewer); trusted networks only")

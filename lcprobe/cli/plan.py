@@ -13,6 +13,7 @@ from lcprobe.cli.common import add_model_args
 _LENS_HEAD = {
     "numpy": ("lens head (float32)", "vocab x n_embd x 4"),
     "ggml": ("lens head (as stored)", "a copy of the head's quantized bytes"),
+    "device": ("lens head (float32, on the output layer's device)", "vocab x n_embd x 4 + two chunks of logits"),
 }
 
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         ("KV cache", plan.kv_cpu, plan.kv_gpu, "n_ctx x layers x n_head_kv x head_dim x 2 (K,V) x bytes"),
         ("compute buffers", plan.compute_cpu, plan.compute_gpu, "largest of logits / FFN / attention per ubatch"),
         ("llama.cpp logits", plan.output_buffer, 0, "n_batch x vocab x 4"),
-        (head_name, plan.lens_head, 0, head_how),
+        (head_name, plan.lens_head, plan.lens_device, head_how),
         ("lens scratch", plan.lens_scratch, 0, "one chunk of logits"),
         ("capture buffers", plan.capture, 0, "rows x layers x n_embd x 4, four copies"),
         ("runtime", plan.runtime, 0, "Python, numpy, llama.cpp libraries"),

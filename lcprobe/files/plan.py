@@ -41,6 +41,10 @@ READER_BYTES_PER_TOKEN = 3300
 # array returned per decode, the group's concatenation and the lens' normed stack.
 CAPTURE_COPIES = 4
 
+# The device lens converts and uploads its head in blocks of this many bytes
+# (lcprobe.llama.device_head.UPLOAD_BLOCK_BYTES; not imported: planning loads no llama.cpp).
+DEVICE_UPLOAD_BLOCK = 32 * MIB
+
 # Above this share of RAM the float32 head is worth storing as float16.
 LENS_F16_SHARE = 0.10
 
@@ -245,7 +249,7 @@ class Plan:
     compute_gpu: int
     output_buffer: int  # llama.cpp's host logits buffer
     lens_head: int  # the lens' head: float32 (numpy backend) or a copy of the stored bytes (ggml)
-    lens_scratch: int  # one chunk of logits
+    lens_scratch: int  # one chunk of logits (two for the device lens: logits and softmax)
     lens_load_peak: int  # while the lens' head is made from the file
     capture: int
     runtime: int
@@ -267,6 +271,8 @@ class Plan:
     # counted in ram_need).
     repack_cpu: int = 0
     peak_rss: int = 0
+    # the device lens' float32 head and chunk buffers on the output layer's GPU / RPC device
+    lens_device: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -326,12 +332,16 @@ def _layout(shape: Shape, ngl: int, n_ctx: int, n_ubatch: int, kv_type: str, fla
     }
 
 
-def _host_parts(shape: Shape, n_batch: int, n_probe: int, lens_backend: str | None = "numpy") -> dict[str, int]:
-    """lcprobe's own memory, whatever the offload: output buffer, lens, capture.
+def _host_parts(shape: Shape, n_batch: int, n_probe: int, lens_backend: str | None = "numpy",
+                output_on_gpu: bool = False) -> dict[str, int]:
+    """lcprobe's own memory: output buffer, lens, capture; ``lens_device`` is the part on a GPU.
 
     The numpy lens holds the head dequantized to float32; the ggml lens a
     copy of its stored (quantized) bytes in its own ggml context
-    (native/ggml_lens.c); None: no lens at all.
+    (native/ggml_lens.c); the device lens a float32 head and two chunks of
+    logits (logits, softmax) in buffers of the output layer's device: host
+    memory when that is the CPU, else GPU memory, the host then holding only
+    one upload block (native/device_lens.c); None: no lens at all.
     """
     from lcprobe.analysis.lens import DEFAULT_BUDGET
     from lcprobe.probing.runner import ROW_BUDGET_BYTES
@@ -342,22 +352,33 @@ def _host_parts(shape: Shape, n_batch: int, n_probe: int, lens_backend: str | No
     elif lens_backend == "ggml":
         head = shape.head_bytes
         load = head + shape.head_bytes  # the copy and the file pages it is read from
+    elif lens_backend == "device":
+        head = 4 * shape.n_vocab * shape.n_embd
+        # file pages and one converted block; the CPU device's buffer is host memory too
+        load = shape.head_bytes + DEVICE_UPLOAD_BLOCK + (0 if output_on_gpu else head)
     else:
         head = load = 0
     row_bytes = 4 * shape.n_embd * n_probe
     rows = min(n_batch, max(64, ROW_BUDGET_BYTES // row_bytes))
+    scratch = min(max(DEFAULT_BUDGET, 4 * shape.n_vocab * 64), 4 * shape.n_vocab * rows * n_probe)
+    device = 0
+    if lens_backend == "device":
+        scratch *= 2
+        if output_on_gpu:
+            device, head, scratch = head + scratch, 0, 0
     return {
         "output_buffer": 4 * shape.n_vocab * n_batch,
         "lens_head": head,
-        "lens_scratch": min(max(DEFAULT_BUDGET, 4 * shape.n_vocab * 64), 4 * shape.n_vocab * rows * n_probe),
+        "lens_scratch": scratch,
         "lens_load_peak": int(load + READER_BYTES_PER_TOKEN * shape.n_vocab),
         "capture": CAPTURE_COPIES * rows * row_bytes,
         "runtime": RUNTIME_BYTES,
+        "lens_device": device,
     }
 
 
 def _needs(lay: dict, host: dict, unified: bool) -> tuple[int, int]:
-    gpu = int(lay["weights_gpu"] + lay["kv_gpu"] + lay["compute_gpu"])
+    gpu = int(lay["weights_gpu"] + lay["kv_gpu"] + lay["compute_gpu"] + host.get("lens_device", 0))
     running = (lay["weights_cpu"] + lay["kv_cpu"] + lay["compute_cpu"] + host["output_buffer"]
                + host["lens_head"] + host["lens_scratch"] + host["capture"] + host["runtime"])
     # lcprobe dequantizes the head before llama.cpp loads the model
@@ -413,14 +434,17 @@ def make_plan(
     n_ubatch = min(int(n_ubatch or n_batch), int(n_batch))
     fa = flash_attn != "off"
     n_probe = int(n_layers_probed or shape.n_layer)
-    host = _host_parts(shape, int(n_batch), n_probe, lens_backend)
-
     def verdict(ngl: int) -> tuple[dict, int, int, bool]:
         lay = _layout(shape, ngl, n_ctx_padded, n_ubatch, kv_type, fa, has_gpu)
-        ram, gpu = _needs(lay, host, unified)
+        ram, gpu = _needs(lay, parts(lay), unified)
         return lay, ram, gpu, ram <= ram_bytes and gpu <= vram_bytes
 
+    def parts(lay: dict) -> dict[str, int]:
+        # the device lens follows the output layer, so its share depends on the offload
+        return _host_parts(shape, int(n_batch), n_probe, lens_backend, bool(lay["output_on_gpu"]))
+
     lay, ram_need, vram_need, fits = verdict(n_gpu_layers)
+    host = parts(lay)
     fitting = [k for k in range(shape.n_layer + 2 if has_gpu else 1) if verdict(k)[3]]
     max_ngl = max(fitting) if fitting else None
 
@@ -441,6 +465,10 @@ def make_plan(
         notes.append(f"the lens head in float32 ({fmt_bytes(host['lens_head'])}) is over "
                      f"{LENS_F16_SHARE:.0%} of RAM: --lens-backend ggml keeps the head as stored instead "
                      f"({fmt_bytes(shape.head_bytes)})")
+    if lens_backend == "device":
+        where = "the output layer's GPU" if host["lens_device"] else "the CPU (host memory)"
+        notes.append(f"the device lens holds its float32 head ({fmt_bytes(4 * shape.n_vocab * shape.n_embd)}) "
+                     f"and two chunks of logits on {where}, where the output layer is")
     if lay["repack_cpu"]:
         notes.append(f"llama.cpp repacks {fmt_bytes(lay['repack_cpu'])} of the CPU's weights for this CPU (CPU_REPACK) "
                      f"into memory of its own; the file pages they came from stay cached while RAM is free: "

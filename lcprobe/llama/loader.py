@@ -82,8 +82,8 @@ class LoadedModel:
     def close(self) -> None:
         """Free the context, the capture state and the head; safe to call twice."""
         self.engine.close()
-        if self.unembed is not None and self.unembed.ggml is not None:
-            self.unembed.ggml.close()
+        if self.unembed is not None:
+            self.unembed.close()
 
     def __enter__(self) -> "LoadedModel":
         return self
@@ -143,14 +143,17 @@ def open_model(model: str | os.PathLike, options: "LoadOptions | ProbeOptions" =
     log = Path(log_path) if log_path is not None else default_log_path()
     log.parent.mkdir(parents=True, exist_ok=True)
     set_llama_log(log)
-    unembed = (Unembed.from_model(info, backend=options.lens_backend, n_threads=options.n_threads)
+    config = options.engine_config()
+    # the device lens goes where llama.cpp will put the output layer with this offload
+    unembed = (Unembed.from_model(info, backend=options.lens_backend, n_threads=options.n_threads,
+                                  n_gpu_layers=config.gpu_layers, rpc=config.rpc, tensor_split=config.tensor_split)
                if options.lens_backend is not None else None)
     sha = file_sha256(info.path)
     release_load_memory()
     try:
-        engine = Engine(info, options.engine_config())
+        engine = Engine(info, config)
     except BaseException:
-        if unembed is not None and unembed.ggml is not None:
-            unembed.ggml.close()
+        if unembed is not None:
+            unembed.close()
         raise
     return LoadedModel(info, sha, unembed, engine, time.perf_counter() - t0, options)

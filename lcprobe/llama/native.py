@@ -139,6 +139,44 @@ def ggml_lens_addresses() -> dict[str, int]:
     return out
 
 
+#: ggml functions the device lens backend calls (native/device_lens.c); bound by name.
+DEVICE_LENS_SYMBOLS = (
+    "ggml_init", "ggml_free", "ggml_new_tensor_2d", "ggml_mul_mat", "ggml_scale", "ggml_tanh",
+    "ggml_soft_max", "ggml_argmax", "ggml_log", "ggml_get_rows", "ggml_sub", "ggml_reshape_2d",
+    "ggml_reshape_3d", "ggml_new_graph_custom", "ggml_build_forward_expand", "ggml_set_input",
+    "ggml_set_output", "ggml_tensor_overhead", "ggml_graph_overhead_custom", "ggml_row_size", "ggml_blck_size",
+    "ggml_nbytes", "ggml_op_desc", "ggml_backend_dev_init", "ggml_backend_free", "ggml_backend_name",
+    "ggml_backend_get_default_buffer_type", "ggml_backend_alloc_ctx_tensors", "ggml_backend_buffer_free",
+    "ggml_backend_buffer_get_size", "ggml_backend_tensor_set", "ggml_backend_tensor_get", "ggml_gallocr_new",
+    "ggml_gallocr_free", "ggml_gallocr_alloc_graph", "ggml_backend_graph_compute", "ggml_backend_supports_op",
+    "ggml_backend_dev_backend_reg", "ggml_backend_reg_get_proc_address",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def device_lens_addresses() -> dict[str, int]:
+    """Addresses of :data:`DEVICE_LENS_SYMBOLS` by name, in the ggml instance llama.cpp runs on.
+
+    The wheel ships libggml-base.so and libggml-base.so.0 as two files, and a
+    device handle (a GPU's, an RPC server's) is only valid with the registry
+    and buffers of the copy that made it, so the symbols are looked up through
+    libllama's own handle, which searches the libraries libllama loaded.
+    """
+    ggml_addresses()  # same version checks and warnings as the capture
+    import llama_cpp.llama_cpp as llama
+
+    out: dict[str, int] = {}
+    missing = []
+    for name in DEVICE_LENS_SYMBOLS:
+        try:
+            out[name] = ctypes.cast(getattr(llama._lib, name), ctypes.c_void_p).value or 0
+        except AttributeError:
+            missing.append(name)
+    if missing:
+        raise _unsupported(f"the device lens needs {', '.join(missing)}, which this llama-cpp-python lacks")
+    return out
+
+
 def extension():
     """The compiled ``lcprobe._capture`` module, with a useful error if absent."""
     try:

@@ -469,8 +469,8 @@ def run_kld(models: Sequence[str | Path], out_dir: str | Path, text: Text,
             write_kld(out, result)
     finally:
         store.remove()
-        if base_lens is not None and base_lens.unembed.ggml is not None:
-            base_lens.unembed.ggml.close()
+        if base_lens is not None:
+            base_lens.unembed.close()
     if options.shard:
         # the values before the record that says they are complete
         write_values(out, values)
