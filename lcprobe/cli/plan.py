@@ -36,8 +36,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--layers-probed", type=int, default=None, metavar="N",
                    help="layers captured per row (sizes the capture buffers; default: all)")
     p.add_argument("--kv-type", choices=("f16", "f32"), default="f16", help="KV cache precision (default f16)")
-    p.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
-                   help="flash attention as the run will use it (default auto = on)")
+    p.add_argument("--flash-attn", choices=("auto", "on", "off"), default="off",
+                   help="flash attention as the run will use it (default off, what lcprobe's commands use; "
+                        "auto = on)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
 
 

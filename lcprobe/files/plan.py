@@ -406,7 +406,7 @@ def make_plan(
     *,
     n_ubatch: int | None = None,
     kv_type: str = "f16",
-    flash_attn: str = "auto",
+    flash_attn: str = "off",
     n_layers_probed: int | None = None,
     unified: bool | None = None,
     lens_backend: str | None = "numpy",
@@ -416,8 +416,8 @@ def make_plan(
     ``ram_bytes`` / ``vram_bytes`` default to this machine (MemAvailable;
     free NVIDIA memory or the Metal working set); ``vram_bytes=0`` means no GPU.
     ``unified`` (Apple silicon; default: detected) counts GPU bytes against RAM
-    too. ``flash_attn`` "auto" is planned as on (what llama.cpp picks on CPU,
-    CUDA and Metal). ``n_layers_probed`` (default all) sizes the capture.
+    too. ``flash_attn`` defaults to lcprobe's "off" (batch-invariant scores);
+    "auto" is planned as on (what llama.cpp picks on CPU, CUDA and Metal). ``n_layers_probed`` (default all) sizes the capture.
     """
     shape = read_shape(info_or_path)
     ram_source = vram_source = "given"
@@ -498,7 +498,7 @@ def check_fits(plan: Plan) -> None:
 
 def device_split(info_or_path: ModelInfo | str | os.PathLike, n_gpu_layers: int, shares: Sequence[float],
                  n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int | None = None, kv_type: str = "f16",
-                 flash_attn: str = "auto") -> list[dict]:
+                 flash_attn: str = "off") -> list[dict]:
     """Per offload device (e.g. each ``--rpc`` server): its blocks and the bytes they bring.
 
     llama.cpp's rule (llama_model::load_tensors): the last ``n_gpu_layers``

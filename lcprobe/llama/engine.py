@@ -83,10 +83,12 @@ class EngineConfig:
     n_threads: int | None = None
     # KV cache precision: llama.cpp's default f16, or f32 for exact comparisons
     kv_type: str = "f16"
-    # Flash attention: llama.cpp's "auto" computes attention partly in f16 on
-    # CPU (about 1e-3 relative error per layer); "off" with an f32 cache
-    # reproduces a float32 forward pass to ~1e-6.
-    flash_attn: str = "auto"
+    # Flash attention: "off" by default because llama.cpp's CPU flash
+    # attention picks its kernel by ubatch size and accumulates V in f16, so a
+    # row's numbers would depend on -b (see KV_CELL_ALIGN); "off" with an f32
+    # cache also reproduces a float32 forward pass to ~1e-6. "auto" or "on" is
+    # llama.cpp's choice (faster on GPUs with long contexts).
+    flash_attn: str = "off"
     # Cut the graph after the last block when llama.cpp's logits are not
     # wanted (see Engine.decode); False runs llama.cpp's full graph every time.
     skip_head: bool = True
@@ -157,6 +159,16 @@ class EngineConfig:
                 f"-ngl/--n-gpu-layers {self.n_gpu_layers}: this llama-cpp-python build has no GPU support "
                 "(CPU only); use -ngl 0, -ngl auto, or install a CUDA/Metal build (see README: GPU builds)"
             )
+
+
+#: Without flash attention, ggml's CPU kernels sum a query's attention over
+#: the KV cells in SIMD lanes keyed by the cell index modulo 32 (GGML_F16_STEP
+#: and GGML_F32_STEP on AVX2 and NEON; llama.cpp pads the cells viewed to a
+#: multiple of 32, so there is no scalar tail). A sequence whose cells start at
+#: the same residue therefore gets bit-identical attention sums wherever its
+#: batch put it. The prober lays each item's cells out from such a boundary,
+#: which makes scores independent of -b and of the other items in the batch.
+KV_CELL_ALIGN = 32
 
 
 class Engine:
@@ -280,6 +292,15 @@ class Engine:
         return buf.raw[: max(n, 0)]
 
     # -- KV cache -----------------------------------------------------------
+    @property
+    def cell_align(self) -> int:
+        """KV cells a batch-invariant layout aligns each sequence's first cell to; 0: no such layout.
+
+        With flash attention the CPU kernel itself depends on the ubatch size,
+        so aligning cells cannot help and is not asked for.
+        """
+        return KV_CELL_ALIGN if self.config.flash_attn == "off" else 0
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
 

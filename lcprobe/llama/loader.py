@@ -39,7 +39,7 @@ class LoadOptions:
     n_gpu_layers: int = 0  # or "auto": every layer on a GPU build, 0 on a CPU-only one
     n_threads: int | None = None
     kv_type: str = "f16"
-    flash_attn: str = "auto"
+    flash_attn: str = "off"
     lens_backend: str | None = "numpy"
     memory_check: bool = True  # refuse, with the plan's numbers, a model that does not fit
     use_mmap: bool = True  # False keeps the weights in writable memory (in-place weight swaps)

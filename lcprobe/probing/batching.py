@@ -165,17 +165,30 @@ def build_units(requests: Sequence[Request], prefix_len: int, max_choices: int,
     return units
 
 
+def pad_before(cell: int, align: int, prefix_len: int) -> int:
+    """Pad tokens that move a unit from KV cell ``cell`` to the next cell congruent to ``prefix_len``.
+
+    Congruent, not a multiple: the unit's context tokens and first choice then
+    sit at cells congruent to their positions, as in a prompt decoded alone.
+    """
+    return (prefix_len - cell) % align if align > 1 else 0
+
+
 def group_units(
-    units: Sequence[Unit], prefix_len: int, n_ctx: int, n_batch: int, max_seqs: int, max_rows: int
+    units: Sequence[Unit], prefix_len: int, n_ctx: int, n_batch: int, max_seqs: int, max_rows: int,
+    align: int = 0,
 ) -> list[list[Unit]]:
     """Pack units into decode groups that fit the KV cache, the sequences and a row budget.
 
     Deterministic for the same units, which keeps results byte-identical when a
     run is resumed (the same groups are decoded in the same cache layout).
+    With ``align`` each unit's first KV cell is padded to a multiple of it
+    (:func:`layout_group`); the pad tokens count against the batch and cache.
     """
     groups: list[list[Unit]] = []
     cur: list[Unit] = []
     tokens = seqs = rows = 0
+    room = min(n_batch, n_ctx - prefix_len)
     for u in units:
         if prefix_len + u.n_nodes > n_ctx:
             raise PromptTooLongError(
@@ -184,14 +197,18 @@ def group_units(
             )
         k = len(u.choices)
         n_out = len(u.out_nodes)
+        pad = pad_before(prefix_len + tokens, align, prefix_len)
         fits = (
-            tokens + u.n_nodes <= min(n_batch, n_ctx - prefix_len)
+            tokens + pad + u.n_nodes <= room
             and seqs + k <= max_seqs
             and rows + n_out <= max_rows
         )
         if cur and not fits:
             groups.append(cur)
             cur, tokens, seqs, rows = [], 0, 0, 0
+            pad = pad_before(prefix_len, align, prefix_len)
+        # A unit that fills the cache or the batch on its own keeps what padding fits.
+        tokens += min(pad, max(0, room - tokens - u.n_nodes))
         cur.append(u)
         tokens += u.n_nodes
         seqs += k
@@ -209,18 +226,46 @@ class GroupBatch:
     positions: np.ndarray
     seq_ids: list[list[int]]
     outputs: np.ndarray
-    seqs: list[int]  # every sequence id the group uses
+    seqs: list[int]  # every choice sequence the group uses (copies of the prefix)
     row_targets: list[np.ndarray]  # per output row in batch order: token ids to score
     unit_rows: list[int]  # first output row of each unit
+    pad_seq: int | None = None  # the sequence holding the alignment pads, removed with the group
+    n_pad: int = 0
 
 
-def layout_group(group: Sequence[Unit], prefix_len: int) -> GroupBatch:
+def layout_group(group: Sequence[Unit], prefix_len: int, align: int = 0, pad_seq: int | None = None,
+                 room: int | None = None) -> GroupBatch:
+    """The group's batch; with ``align`` and ``pad_seq`` each unit starts at a KV cell congruent
+    to ``prefix_len`` modulo ``align``.
+
+    llama.cpp gives a batch's tokens consecutive free cells from the first
+    free one, which after the prefix and with every earlier group removed is
+    cell ``prefix_len``. Pad tokens in a sequence of their own (attended by no
+    one, not outputs) fill the gap before each unit, so a unit's cells sit at
+    the same offsets modulo ``align`` whatever shares its batch, and its
+    context's cells at their positions' offsets as in a prompt decoded alone (see
+    lcprobe.llama.engine.KV_CELL_ALIGN). ``room`` caps batch + pads as
+    :func:`group_units` did.
+    """
     tokens, positions, seq_ids, outputs = [], [], [], []
     seqs: list[int] = []
     row_targets: list[np.ndarray] = []
     unit_rows: list[int] = []
     next_seq = 1
+    n_pad = 0
+    if pad_seq is None:
+        align = 0
     for u in group:
+        pad = pad_before(prefix_len + len(tokens), align, prefix_len)
+        if room is not None:
+            pad = min(pad, max(0, room - len(tokens) - u.n_nodes))
+        for _ in range(pad):
+            # any real token does; positions run 0.. within the pad sequence, as llama.cpp requires
+            tokens.append(u.tokens[0])
+            positions.append(n_pad)
+            seq_ids.append([pad_seq])
+            outputs.append(False)
+            n_pad += 1
         base = next_seq
         next_seq += len(u.choices)
         seqs.extend(range(base, next_seq))
@@ -237,6 +282,7 @@ def layout_group(group: Sequence[Unit], prefix_len: int) -> GroupBatch:
     return GroupBatch(
         np.asarray(tokens, np.int32), np.asarray(positions, np.int32), seq_ids,
         np.asarray(outputs, bool), seqs, row_targets, unit_rows,
+        pad_seq=pad_seq if n_pad else None, n_pad=n_pad,
     )
 
 

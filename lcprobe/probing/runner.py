@@ -45,6 +45,7 @@ class ProbeStats:
     items_skipped: int = 0
     tokens_decoded: int = 0
     tokens_unique: int = 0
+    tokens_padding: int = 0  # decoded only to align items' KV cells (batch-invariant scores)
     prefix_tokens: int = 0
     lens_rows: int = 0
     split_mismatches: int = 0
@@ -139,8 +140,10 @@ class Prober:
         eng = self.engine
         prefix_len = common_prefix_length(requests)
         prefix = list(requests[0].context[:prefix_len])
-        units = build_units(requests, prefix_len, eng.n_seq_max - 1, eng.n_ctx - prefix_len)
-        groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, eng.n_seq_max - 1, self.max_rows)
+        self._align_layout()
+        units = build_units(requests, prefix_len, self.max_seqs, eng.n_ctx - prefix_len)
+        groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, self.max_seqs, self.max_rows,
+                             align=self.align)
         stats.items_fit_total = len(requests)
         if shard is not None:
             groups = [groups[g] for g in shard_groups(groups, *shard)]
@@ -203,6 +206,17 @@ class Prober:
             pool.shutdown(wait=True)
             eng.clear()
 
+    def _align_layout(self) -> None:
+        """Sequences for choices, and the alignment that makes scores independent of -b.
+
+        Sequence 0 holds the prefix; with an aligned layout the last sequence
+        holds the pad tokens (see :func:`layout_group`), which needs three.
+        """
+        eng = self.engine
+        self.align = eng.cell_align if eng.n_seq_max >= 3 else 0
+        self.pad_seq = eng.n_seq_max - 1 if self.align else None
+        self.max_seqs = eng.n_seq_max - (2 if self.align else 1)
+
     def _decode_prefix(self, prefix: list[int]) -> None:
         eng = self.engine
         for start in range(0, len(prefix), eng.n_batch):
@@ -214,7 +228,8 @@ class Prober:
     def _decode_group(self, group, prefix_len: int, stats: ProbeStats) -> tuple[GroupBatch, np.ndarray]:
         """Decode one group on sequences branching from the prefix; return its rows."""
         eng = self.engine
-        batch = layout_group(group, prefix_len)
+        batch = layout_group(group, prefix_len, self.align, self.pad_seq,
+                             room=min(eng.n_batch, eng.n_ctx - prefix_len))
         t0 = time.perf_counter()
         for s in batch.seqs:
             eng.seq_copy(0, s)
@@ -230,7 +245,10 @@ class Prober:
             # lands where it would in a run that started with it (resume).
             for s in batch.seqs:
                 eng.seq_remove(s)
+            if batch.pad_seq is not None:
+                eng.seq_remove(batch.pad_seq)
         stats.tokens_decoded += len(batch.tokens)
+        stats.tokens_padding += batch.n_pad
         stats.seconds_decode += time.perf_counter() - t0
         return batch, np.concatenate(rows, axis=1)
 
