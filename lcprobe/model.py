@@ -360,7 +360,7 @@ def load(
     n_batch: int = 512,
     n_seq_max: int = 64,
     kv_type: str = "f16",
-    flash_attn: str = "auto",
+    flash_attn: str = "off",
     memory_check: bool = True,
     log_path: str | os.PathLike | None = None,
     rpc: Sequence[str] | str | None = None,
@@ -371,7 +371,9 @@ def load(
     The defaults are ``lcprobe run``'s, so results match the CLI's. ``lens``
     is ``final-norm`` (logit lens) or ``raw`` (head only below the last
     layer); ``lens_backend`` ``numpy`` (float32, the dequantized head) or
-    ``ggml`` (the stored head through ggml: llama.cpp's own logits), or None
+    ``ggml`` (the stored head through ggml: llama.cpp's own logits), ``device``
+    (the float32 head and log-softmax on the output layer's device; scoring
+    brings back only the scored log-probabilities), or None
     to load no head. llama.cpp's log goes to ``log_path`` (default: the cache
     directory). ``rpc`` lists llama.cpp RPC servers (``"host:port"``, see
     ``lcprobe rpc-server``) whose devices hold the offloaded layers, split by

@@ -221,6 +221,38 @@ def test_score_and_run_task_take_the_keywords(smol, tmp_path):
         assert np.array_equal(m.score(ctx, choices, layers="-3:-1"), plain)
 
 
+@pytest.mark.slow
+def test_steered_run_is_recorded_and_resumes_only_itself(smol, tmp_path):
+    import json
+
+    from lcprobe.interventions.plan import resolve
+
+    e, n = smol.info.n_embd, smol.info.n_layer
+    rng = np.random.default_rng(7)
+    cv = ControlVector({k: rng.standard_normal(e).astype(np.float32) for k in (n // 2, n - 2)})
+    other = ControlVector({n // 2: cv.directions[n // 2]})
+    out = tmp_path / "steered"
+    with lcprobe.load(smol.info.path, n_threads=2) as m:
+        rec = m.run_task("calc", limit=2, layers="-1", out=out, add=cv, scale=2.0).summary["intervention"]
+        assert rec["add_layers"] == [n // 2 + 1, n - 1] and rec["scale"] == 2.0
+        assert rec["skip"] == [] and rec["patch"] is False and len(rec["sha256"]) == 64
+        assert json.loads((out / "summary.json").read_text())["intervention"] == rec
+        # the same steering resumes; another scale, another vector or none is refused, in one line
+        m.run_task("calc", limit=2, layers="-1", out=out, add=cv, scale=2.0, resume=True)
+        for kw in (dict(add=cv, scale=3.0), dict(add=other, scale=2.0), {}):
+            with pytest.raises(LcprobeError, match=r"^\S+ holds a run with a different intervention; use another"):
+                m.run_task("calc", limit=2, layers="-1", out=out, resume=True, **kw)
+        # a plain run's files are as they were: no intervention anywhere
+        m.run_task("calc", limit=2, layers="-1", out=tmp_path / "plain")
+        for name in ("summary.json", "run.json"):
+            assert "intervention" not in json.loads((tmp_path / "plain" / name).read_text())
+    # skips and patches are told apart too
+    r = resolve(smol.info, skip=[3], patch={("resid_post", 5): np.ones((4, e), np.float32)}).record()
+    assert r["skip"] == [3] and r["patch"] is True and r["patch_layers"] == [5] and r["add_layers"] == []
+    assert resolve(smol.info, add=cv, scale=2.0).record() == rec
+    assert resolve(smol.info, add=cv, scale=-2.0).record()["sha256"] == rec["sha256"]  # the vectors, unscaled
+
+
 def test_add_on_synthetic_model_matches_reference(synth_model):
     """The added vector at the last layer, through llama.cpp's final norm and head, against numpy."""
     from synth import _rms_norm, reference_forward

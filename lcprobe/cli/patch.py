@@ -17,7 +17,8 @@ example:
 For every (site, layer, position) the clean activation replaces the corrupted one; DIR/patch.json
 holds the restored fraction of the logit difference answer - wrong at the last position,
 (patched - corrupt) / (clean - corrupt), per site as [[per position] per layer]; `lcprobe report DIR`
-draws the layers x positions heatmap. The prompts must tokenize to the same length.
+draws the layers x positions heatmap. The prompts must tokenize to the same length. Each patched
+run gives what it gives alone, bit for bit; the sweep sizes its own KV cache (-c is not used).
 """
 
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from lcprobe.files.modelfile import read_model_info
     from lcprobe.llama.loader import open_model
     from lcprobe.sites import check_site, parse_layers
-    from lcprobe.studies.patching import PATCH_JSON, run_patching
+    from lcprobe.studies.patching import PATCH_JSON, run_patching, sweep_options
 
     console = make_console(args.quiet)
     sites = [check_site(s.strip()) for s in args.sites.split(",") if s.strip()]
@@ -52,19 +53,21 @@ def run(args: argparse.Namespace) -> int:
     layers = parse_layers(args.layers, info.n_layer)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    # f32 KV cache, no flash attention: the batched patched runs then equal single runs bit for bit
-    # (llama.cpp's defaults differ by ~0.05 in the logit difference between batch layouts).
-    opts = load_options(args, lens_backend=None, kv_type="f32", flash_attn="off")
+    # every patched run equal to that run alone, bit for bit (see lcprobe.studies.patching);
+    # the sweep sizes its own KV cache, so -c is not used
+    changes = sweep_options(info, args.corrupt, len(sites) * len(layers))
+    opts = load_options(args, lens_backend=None, **changes)
     with open_model(info.path, opts, log_path=out / "llama.log") as lm:
         res = run_patching(lm.engine, args.clean, args.corrupt, args.answer, args.wrong, sites, layers)
     doc = {"model": str(info.path), "model_name": info.name, "sha256": lm.sha256, "n_layer": info.n_layer,
-           "kv_type": "f32", "flash_attn": "off", **res.to_json()}
+           "kv_type": "f32", "flash_attn": "off", "repack": changes.get("repack", True), **res.to_json()}
     write_atomic(out / PATCH_JSON, json.dumps(doc, indent=1))
     for s, v in res.sites.items():
         li, p = divmod(int(abs(v).argmax()), v.shape[1]) if v.size else (0, 0)
         console.print(f"{s}: strongest at layer {res.layers[li]}, position {p} ({res.tokens[p]!r}): "
                       f"{v[li, p]:.3f} restored", soft_wrap=True)
     console.print(f"clean {res.clean_diff:.3f}, corrupt {res.corrupt_diff:.3f} ({res.answer!r} - {res.wrong!r}); "
-                  f"{res.n_runs} patched runs in {res.n_decodes} decodes, {res.seconds:.1f} s -> {out / PATCH_JSON}",
+                  f"{res.n_runs} patched runs in {res.n_decodes} decodes ({res.n_tokens} tokens), {res.seconds:.1f} s "
+                  f"-> {out / PATCH_JSON}",
                   soft_wrap=True)
     return 0

@@ -410,6 +410,7 @@ def make_plan(
     n_layers_probed: int | None = None,
     unified: bool | None = None,
     lens_backend: str | None = "numpy",
+    repack: bool = True,
 ) -> Plan:
     """The memory plan for running lcprobe on this model with these settings.
 
@@ -417,7 +418,9 @@ def make_plan(
     free NVIDIA memory or the Metal working set); ``vram_bytes=0`` means no GPU.
     ``unified`` (Apple silicon; default: detected) counts GPU bytes against RAM
     too. ``flash_attn`` defaults to lcprobe's "off" (batch-invariant scores);
-    "auto" is planned as on (what llama.cpp picks on CPU, CUDA and Metal). ``n_layers_probed`` (default all) sizes the capture.
+    "auto" is planned as on (what llama.cpp picks on CPU, CUDA and Metal).
+    ``n_layers_probed`` (default all) sizes the capture; ``repack`` False
+    plans no CPU weight repacking (the patching sweep's engine).
     """
     shape = read_shape(info_or_path)
     ram_source = vram_source = "given"
@@ -436,6 +439,8 @@ def make_plan(
     n_probe = int(n_layers_probed or shape.n_layer)
     def verdict(ngl: int) -> tuple[dict, int, int, bool]:
         lay = _layout(shape, ngl, n_ctx_padded, n_ubatch, kv_type, fa, has_gpu)
+        if not repack:
+            lay["repack_cpu"] = 0
         ram, gpu = _needs(lay, parts(lay), unified)
         return lay, ram, gpu, ram <= ram_bytes and gpu <= vram_bytes
 

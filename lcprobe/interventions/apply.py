@@ -1,13 +1,16 @@
 """Installing interventions on an engine for the duration of a ``with`` block.
 
 On exit the edits and skips are cleared whatever happened, so the next plain
-decode is the unmodified model's.
+decode is the unmodified model's. While the block runs, :func:`active_record`
+says what is installed, so a task run under it (``Model.run_task``, ``lcprobe
+steer eval``) records it in summary.json and its resume key.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +21,15 @@ if TYPE_CHECKING:
     from lcprobe.llama.engine import Engine
 
 Hook = Callable[[np.ndarray, Sequence[Sequence[int]]], list]
+
+# engine -> the record of what `intervening` installed on it (absent: nothing)
+_active: "weakref.WeakKeyDictionary[Engine, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def active_record(engine: "Engine") -> dict[str, Any] | None:
+    """The installed intervention's :meth:`Interventions.record`, ``{"hook": True}`` for a custom
+    hook, or None when the engine runs the plain model."""
+    return _active.get(engine)
 
 
 @contextlib.contextmanager
@@ -38,8 +50,13 @@ def intervening(engine: "Engine", iv: Interventions | None = None, hook: Hook | 
     try:
         engine.edit_hook = hook
         engine.capture.set_patches(patches)
+        if iv is None:
+            _active[engine] = {"hook": True}  # edits nobody can describe: never resumed as another run
+        elif iv:
+            _active[engine] = iv.record()
         yield
     finally:
+        _active.pop(engine, None)
         engine.edit_hook = None
         engine.capture.set_edits([])
         engine.capture.set_patches([])

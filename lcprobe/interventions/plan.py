@@ -12,6 +12,7 @@ sequences and a one-token step of generation all get the same addition.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -35,6 +36,7 @@ class NodeEdit:
     values: np.ndarray  # float32 (n, width)
     per_position: bool
     label: str  # what the user wrote, for messages
+    layer: int = 0  # the 1-based layer it edits
 
 
 @dataclass
@@ -44,9 +46,26 @@ class Interventions:
     edits: list[NodeEdit] = field(default_factory=list)
     patches: list[tuple[str, str]] = field(default_factory=list)  # (dst, src): layer skips
     positions: np.ndarray | None = None  # sorted token positions edited; None = all
+    scale: float = 1.0
+    skip: list[int] = field(default_factory=list)  # the skipped layers, 1-based
+    # sha256 of every vector and patched row as given (before ``scale``), in resolve's order
+    values_sha256: str = field(default_factory=lambda: hashlib.sha256().hexdigest())
 
     def __bool__(self) -> bool:
         return bool(self.edits or self.patches)
+
+    def record(self) -> dict[str, Any]:
+        """What a result directory keeps of the intervention (summary.json, the resume key):
+        equal records mean the same edits, so a resume cannot mix two interventions."""
+        return {
+            "sha256": self.values_sha256,
+            "add_layers": [e.layer for e in self.edits if e.mode == "add"],
+            "scale": self.scale,
+            "patch": any(e.mode == "set" for e in self.edits),
+            "patch_layers": [e.layer for e in self.edits if e.mode == "set"],
+            "skip": list(self.skip),
+            "positions": None if self.positions is None else [int(p) for p in self.positions],
+        }
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (for result files)."""
@@ -114,12 +133,14 @@ def resolve(
     """
     width, n_layer = info.n_embd, info.n_layer
     iv = Interventions()
+    digest = hashlib.sha256()
     try:
         s = float(scale)
     except (TypeError, ValueError):
         raise LcprobeError(f"scale must be a number, got {scale!r}") from None
     if not np.isfinite(s):
         raise LcprobeError(f"scale must be finite, got {scale!r}")
+    iv.scale = s
     if positions is not None:
         iv.positions = _positions(positions, n_tokens)
     if isinstance(add, ControlVector):
@@ -139,7 +160,9 @@ def resolve(
             _finite(vals, f"add[{layer}]")
             if per and n_tokens is not None and len(vals) != n_tokens:
                 raise LcprobeError(f"add[{layer}] has {len(vals)} rows for a prompt of {n_tokens} tokens")
-            iv.edits.append(NodeEdit(info.site_name("resid_post", L), "add", vals * np.float32(s), per, f"add[{L}]"))
+            _digest(digest, f"add[{L}]", vals)
+            iv.edits.append(NodeEdit(info.site_name("resid_post", L), "add", vals * np.float32(s), per, f"add[{L}]",
+                                     L))
     if patch is not None:
         if not isinstance(patch, Mapping):
             raise LcprobeError("patch takes {(site, layer): Activations or array}")
@@ -158,7 +181,8 @@ def resolve(
                 node = info.site_name(site, layer)
             except ValueError as exc:
                 raise LcprobeError(str(exc)) from None
-            sets.append(NodeEdit(node, "set", vals, True, f"patch[{site},{layer}]"))
+            _digest(digest, f"patch[{site},{layer}]", vals)
+            sets.append(NodeEdit(node, "set", vals, True, f"patch[{site},{layer}]", layer))
         # A patch replaces the row; an addition on the same node goes on top of it.
         iv.edits = sets + iv.edits
     if skip is not None:
@@ -166,6 +190,7 @@ def resolve(
         for layer in sorted({_layer(v, n_layer, "skip") for v in layers}):
             # the same patch as `lcprobe depth --skip`: the block's output := its input
             iv.patches.append((info.site_name("resid_post", layer), info.site_name("resid_pre", layer)))
+            iv.skip.append(layer)
         # The capture copies a skipped block's input over its output after the edits ran, so an
         # edit there would be silently lost: refuse it rather than guess an order.
         clash = sorted({dst for dst, _ in iv.patches} & {e.node for e in iv.edits})
@@ -173,7 +198,14 @@ def resolve(
             e = next(e for e in iv.edits if e.node == clash[0])
             raise LcprobeError(f"{e.label} edits the output of a skipped layer ({clash[0]}); "
                                "edit the layer before it instead (a skipped block's output is its input)")
+    iv.values_sha256 = digest.hexdigest()
     return iv
+
+
+def _digest(h: Any, label: str, vals: np.ndarray) -> None:
+    # the label and shape too: the same numbers added at another layer are another intervention
+    h.update(f"{label}{vals.shape}".encode())
+    h.update(np.ascontiguousarray(vals, np.float32).tobytes())
 
 
 def _layer(layer: Any, n_layer: int, what: str) -> int:

@@ -101,6 +101,14 @@ class EngineConfig:
     # share of the offloaded layers per device (local GPUs first, then the
     # servers' devices); empty: llama.cpp splits by free memory
     tensor_split: tuple[float, ...] = ()
+    # One KV cache shared by every sequence (the prober's shared prefix needs
+    # it); False gives each sequence its own stream of n_ctx / n_seq_max cells,
+    # at cells 0.. as if decoded alone (the exact patching sweep).
+    kv_unified: bool = True
+    # llama.cpp's CPU weight repacking (Q4_0, Q4_K, IQ4_NL on AVX2/NEON): its
+    # kernels tile rows in fours, so a row's numbers depend on the rest of its
+    # batch; False keeps the stored layout (slower, row-independent).
+    repack: bool = True
 
     @property
     def gpu_layers(self) -> int:
@@ -205,6 +213,7 @@ class Engine:
                 raise LcprobeError(f"--tensor-split has {len(config.tensor_split)} shares; llama.cpp takes {n_max}")
             self._split = (ctypes.c_float * n_max)(*config.tensor_split)
             mparams.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
+        mparams.use_extra_bufts = bool(config.repack)
         if not config.use_mmap:
             # llama.h 0.3.36 has load_mode, not use_mmap: LLAMA_LOAD_MODE_NONE reads into owned buffers
             mparams.load_mode = 0
@@ -223,7 +232,7 @@ class Engine:
         cparams.n_seq_max = n_seq
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
-        cparams.kv_unified = True
+        cparams.kv_unified = bool(config.kv_unified)
         cparams.swa_full = True  # sliding-window models keep every cell a shared prefix needs
         cparams.no_perf = True
         cparams.type_k = cparams.type_v = _KV_TYPES[config.kv_type]
@@ -246,6 +255,8 @@ class Engine:
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self.n_ubatch = llama_cpp.llama_n_ubatch(ctx)
         self.n_seq_max = n_seq
+        self.kv_unified = bool(config.kv_unified)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(ctx)  # cells per sequence's stream (n_ctx when unified)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
         self._last_block = info.site_name("resid_post", info.n_layer)

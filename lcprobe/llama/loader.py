@@ -46,6 +46,8 @@ class LoadOptions:
     layers: str | None = None  # the layers a capture will hold, as --layers (sizes the plan's buffers)
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers, "host:port" (lcprobe.llama.rpc)
     tensor_split: tuple[float, ...] = ()  # share of the offloaded layers per device
+    kv_unified: bool = True  # False: a KV stream per sequence (see EngineConfig)
+    repack: bool = True  # False: no CPU weight repacking (row-independent kernels)
 
     def __post_init__(self) -> None:
         # -ngl auto is decided here, once, so every later comparison sees a number
@@ -55,7 +57,8 @@ class LoadOptions:
         return EngineConfig(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch or self.n_batch,
                             n_seq_max=self.n_seq_max, n_gpu_layers=self.n_gpu_layers, n_threads=self.n_threads,
                             kv_type=self.kv_type, flash_attn=self.flash_attn, rpc=tuple(self.rpc),
-                            tensor_split=tuple(self.tensor_split), use_mmap=self.use_mmap)
+                            tensor_split=tuple(self.tensor_split), use_mmap=self.use_mmap,
+                            kv_unified=self.kv_unified, repack=self.repack)
 
     def validate(self) -> None:
         """Refuse values llama.cpp would reject or abort on, naming the flag (before anything loads)."""
@@ -115,7 +118,8 @@ def memory_plan(info: ModelInfo, config: EngineConfig, n_layers_probed: int | No
         vram = sum(device_memory(ep)[0] for ep in config.rpc)
     return make_plan(info, n_gpu_layers=config.gpu_layers, n_ctx=config.n_ctx, n_batch=config.n_batch,
                      n_ubatch=config.n_ubatch, vram_bytes=vram, kv_type=config.kv_type,
-                     flash_attn=config.flash_attn, n_layers_probed=n_layers_probed, lens_backend=lens_backend)
+                     flash_attn=config.flash_attn, n_layers_probed=n_layers_probed, lens_backend=lens_backend,
+                     repack=config.repack)
 
 
 def check_memory(info: ModelInfo, config: EngineConfig, n_layers_probed: int | None = None,

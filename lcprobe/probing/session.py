@@ -25,6 +25,7 @@ from lcprobe.llama.loader import LoadedModel, LoadOptions
 from lcprobe.errors import LcprobeError
 from lcprobe.analysis.lens import Lens
 from lcprobe.files.modelfile import ModelInfo
+from lcprobe.interventions.apply import active_record
 from lcprobe.results.lock import locks_output
 from lcprobe.results.run import RunWriter, breakdown, item_line, read_items, write_summary
 from lcprobe.probing.runner import ItemResult, ProbeStats, Prober
@@ -46,7 +47,7 @@ class ProbeOptions:
     n_threads: int | None = None
     n_seq_max: int = 64
     kv_type: str = "f16"
-    flash_attn: str = "auto"
+    flash_attn: str = "off"
     memory_check: bool = True  # refuse, with the plan's numbers, a model that does not fit
     shard: tuple[int, int] | None = None  # (i, n): score only the i-th of n parts; 'lcprobe merge' joins them
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers holding the offloaded layers ("host:port")
@@ -91,6 +92,8 @@ def run_key(sha256: str, info: ModelInfo, task: Task, options: ProbeOptions, n_i
         "lens_backend": options.lens_backend,
         "site": options.site, "layers": parse_layers(options.layers, info.n_layer), "limit": options.limit,
         "seed": options.seed, "n_ctx": options.n_ctx, "n_batch": options.n_batch, "n_items": n_items,
+        # the attention kernels decide the layout (aligned KV cells without flash attention)
+        "flash_attn": options.flash_attn,
     } | ({"shard": list(options.shard)} if options.shard else {})
 
 
@@ -121,7 +124,13 @@ def run_task(
         raise LcprobeError(f"task {task.name} has no items")
     layers = parse_layers(options.layers, info.n_layer)
     out = Path(out_dir)
-    writer = RunWriter(out, run_key(model.sha256, info, task, options, len(items)), resume)
+    # steering or patching installed around this run (Model.run_task, `lcprobe steer eval`): a run
+    # under other edits is another run, so it is part of the key; plain runs' files stay as they were
+    intervention = active_record(model.engine)
+    key = run_key(model.sha256, info, task, options, len(items))
+    if intervention is not None:
+        key["intervention"] = intervention
+    writer = RunWriter(out, key, resume)
     lens = Lens(model.unembed, info.n_layer, options.lens)
     # Overlapping the lens with decoding pays when they use different
     # hardware (GPU decode, CPU lens); on CPU alone they share the cores.
@@ -184,6 +193,8 @@ def run_task(
         "tokenization_split_mismatches": stats.split_mismatches,
         "versions": versions(),
     }
+    if intervention is not None:
+        extra["intervention"] = intervention
     if options.shard:
         extra["shard"] = shard_record(options.shard, stats)
     keys = sorted({k for r in records for k in r.get("meta", {})} & {"op", "type", "digits"})

@@ -246,7 +246,7 @@ def evaluate(
             progress(f"scale {s:g}: task {task.name}")
         with intervening(eng, iv):
             runs[s] = run_task(model, task, out / f"scale_{s:g}", options)
-        # summary.json does not know about the steering; say it next to it
+        # summary.json records the intervention's digest; the readable description goes beside it
         write_atomic(out / f"scale_{s:g}" / "intervention.json",
                      json.dumps({"scale": s, **(iv.describe() if iv is not None else {"edits": []})}, indent=1))
         kls, conts = [], []
