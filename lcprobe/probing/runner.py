@@ -210,10 +210,12 @@ class Prober:
         """Sequences for choices, and the alignment that makes scores independent of -b.
 
         Sequence 0 holds the prefix; with an aligned layout the last sequence
-        holds the pad tokens (see :func:`layout_group`), which needs three.
+        holds the pad tokens (see :func:`layout_group`). Below four sequences
+        (-b 2 or 3) the pads would take half the choices' sequences and decode
+        each context twice as often, so such tiny batches stay unaligned.
         """
         eng = self.engine
-        self.align = eng.cell_align if eng.n_seq_max >= 3 else 0
+        self.align = eng.cell_align if eng.n_seq_max >= 4 else 0
         self.pad_seq = eng.n_seq_max - 1 if self.align else None
         self.max_seqs = eng.n_seq_max - (2 if self.align else 1)
 

@@ -188,6 +188,7 @@ def run_task(
             "seconds_lens": round(stats.seconds_lens, 3),
             "tokens_decoded": stats.tokens_decoded,
             "tokens_unique": stats.tokens_unique,
+            "tokens_padding": stats.tokens_padding,
             "lens_rows": stats.lens_rows,
         },
         "tokenization_split_mismatches": stats.split_mismatches,
