@@ -170,13 +170,15 @@ class EngineConfig:
 
 
 #: Without flash attention, ggml's CPU kernels sum a query's attention over
-#: the KV cells in SIMD lanes keyed by the cell index modulo 32 (GGML_F16_STEP
-#: and GGML_F32_STEP on AVX2 and NEON; llama.cpp pads the cells viewed to a
-#: multiple of 32, so there is no scalar tail). A sequence whose cells start at
-#: the same residue therefore gets bit-identical attention sums wherever its
-#: batch put it. The prober lays each item's cells out from such a boundary,
-#: which makes scores independent of -b and of the other items in the batch.
-KV_CELL_ALIGN = 32
+#: the KV cells in SIMD lanes keyed by the cell index (llamafile's tinyBLAS,
+#: which takes the attention-times-V product: lanes of 8 floats on AVX2, 16 on
+#: AVX-512; llama.cpp pads the cells viewed to a multiple of 32, so there is
+#: no scalar tail). A sequence whose cells start at the same residue modulo 16
+#: therefore gets bit-identical attention sums wherever its batch put it. The
+#: prober lays each item's cells out from such a cell, which makes scores
+#: independent of -b and of the other items in the batch (measured: 8 and 16
+#: give the same scores as 32 on AVX2, with half or a quarter of the pads).
+KV_CELL_ALIGN = 16
 
 
 class Engine:
