@@ -222,7 +222,8 @@ def test_synthetic_final_numbers_are_llama_cpp_logits_of_the_chunks(tmp_path, sy
     assert res["models"][0]["layers"] == []
     nll = {}
     for name, path in (("base", synth_model[0]), ("q", synth_q8[0])):
-        with lcprobe.load(path, n_ctx=32, lens_backend=None) as m:
+        # flash attention as kld runs it (llama.cpp's default, llama-perplexity's)
+        with lcprobe.load(path, n_ctx=32, lens_backend=None, flash_attn="auto") as m:
             toks = m.tokenize(text.text)
             bos = m.tokenize("")[0]
             vals = []

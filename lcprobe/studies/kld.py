@@ -103,6 +103,10 @@ class KldOptions:
     lens_backend: str = "numpy"
     memory_check: bool = True
     shard: tuple[int, int] | None = None  # (i, n): the i-th of n ranges of chunks; 'lcprobe merge' joins them
+    # llama.cpp's default, which llama-perplexity runs: each chunk is decoded alone from an empty
+    # cache, so the prober's batch-invariance reason for "off" does not apply, and the numbers stay
+    # llama-perplexity's (off moves SmolLM2 Q4_0's PPL by 0.5%)
+    flash_attn: str = "auto"
 
     def validate(self) -> None:
         if self.shard is not None:
@@ -297,7 +301,7 @@ def _open(path: Path, options: KldOptions, lens_backend: str | None, n_sites: in
     from lcprobe.llama.loader import LoadOptions, open_model
 
     load = LoadOptions(n_ctx=options.n_ctx, n_batch=min(options.n_batch, options.n_ctx), n_seq_max=1,
-                       n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads,
+                       n_gpu_layers=options.n_gpu_layers, n_threads=options.n_threads, flash_attn=options.flash_attn,
                        lens_backend=lens_backend, memory_check=options.memory_check,
                        layers=None if n_sites else "1")
     return open_model(path, load)
