@@ -138,12 +138,8 @@ class Prober:
         stats.ctx_needed = max(self.skipped_needs, default=0)
         stats.split_mismatches = sum(r.split_mismatches for r in requests)
         eng = self.engine
-        prefix_len = common_prefix_length(requests)
+        prefix_len, units, groups = self.layout(requests)
         prefix = list(requests[0].context[:prefix_len])
-        self._align_layout()
-        units = build_units(requests, prefix_len, self.max_seqs, eng.n_ctx - prefix_len)
-        groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, self.max_seqs, self.max_rows,
-                             align=self.align)
         stats.items_fit_total = len(requests)
         if shard is not None:
             groups = [groups[g] for g in shard_groups(groups, *shard)]
@@ -206,6 +202,22 @@ class Prober:
             pool.shutdown(wait=True)
             eng.clear()
 
+    def layout(self, requests: Sequence[Request]) -> tuple[int, list[Unit], list[list[Unit]]]:
+        """The shared prefix length, the tries and the decode groups :meth:`run` decodes for ``requests``."""
+        eng = self.engine
+        prefix_len = common_prefix_length(requests)
+        self._align_layout()
+        units = build_units(requests, prefix_len, self.max_seqs, eng.n_ctx - prefix_len)
+        groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, self.max_seqs, self.max_rows,
+                             align=self.align)
+        return prefix_len, units, groups
+
+    def batch(self, group: Sequence[Unit], prefix_len: int) -> GroupBatch:
+        """A group's batch as :meth:`run` lays it out (alignment pads included)."""
+        eng = self.engine
+        return layout_group(group, prefix_len, self.align, self.pad_seq,
+                            room=min(eng.n_batch, eng.n_ctx - prefix_len))
+
     def _align_layout(self) -> None:
         """Sequences for choices, and the alignment that makes scores independent of -b.
 
@@ -230,8 +242,7 @@ class Prober:
     def _decode_group(self, group, prefix_len: int, stats: ProbeStats) -> tuple[GroupBatch, np.ndarray]:
         """Decode one group on sequences branching from the prefix; return its rows."""
         eng = self.engine
-        batch = layout_group(group, prefix_len, self.align, self.pad_seq,
-                             room=min(eng.n_batch, eng.n_ctx - prefix_len))
+        batch = self.batch(group, prefix_len)
         t0 = time.perf_counter()
         for s in batch.seqs:
             eng.seq_copy(0, s)
