@@ -149,7 +149,7 @@ def test_smollm2_shards_are_bit_identical(smollm2, tmp_path):
 
 
 def test_compare_shards_merge(synth_model, synth_q8, tmp_path):
-    """Task metrics and runs exact; representation measures to compare.json's 6 digits."""
+    """Task metrics and runs exact; representation measures too (--max-rows covers every row)."""
     base = ["compare", "-m", str(synth_model[0]), "-m", str(synth_q8[0]), "-T", "calc", "--limit", "10", *FAST]
     assert main([*base, "-o", str(tmp_path / "whole")]) == 0
     for i in (1, 2):
@@ -168,4 +168,45 @@ def test_compare_shards_merge(synth_model, synth_q8, tmp_path):
             for k in ("metric", "ref_metric", "delta", "mcnemar_p", "flips_gained", "flips_lost"):
                 assert ra[k] == rb[k], k
             for k in ("kl", "cosine", "rel_l2", "top1"):
-                assert rb[k] == pytest.approx(ra[k], rel=2e-5, abs=1e-9), k
+                assert rb[k] == ra[k], k
+
+
+def _compare_tasks(path: Path) -> dict:
+    """compare.json's tasks without what differs between any two runs: timing and output paths."""
+    tasks = json.loads(path.read_text())["tasks"]
+    for tr in tasks.values():
+        for m in tr["models"]:
+            m.pop("seconds_representation")
+            m.pop("dir")
+    return tasks
+
+
+def test_compare_shard_sums_merge_exactly(synth_model, synth_q8, tmp_path):
+    """With --max-rows above every row, the merged compare.json equals the unsharded one: the shards'
+    float64 per-item sums (compare-sums.npz) are re-added in the unsharded order. Shards without
+    them (written before) still merge, from their rounded means."""
+    base = ["compare", "-m", str(synth_model[0]), "-m", str(synth_q8[0]), "-T", "calc,calc-add-int-1-2",
+            "--limit", "10", *FAST]
+    assert main([*base, "-o", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "compare-sums.npz").exists()
+    for i in (1, 2, 3):
+        assert main([*base, "--shard", f"{i}/3", "-o", str(tmp_path / f"c{i}")]) == 0
+        assert (tmp_path / f"c{i}" / "compare-sums.npz").is_file()
+    shards = [str(tmp_path / f"c{i}") for i in (3, 1, 2)]  # any order
+    assert main(["merge", *shards, "-o", str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / "compare-sums.npz").exists()
+    whole = _compare_tasks(tmp_path / "whole" / "compare.json")
+    assert _compare_tasks(tmp_path / "merged" / "compare.json") == whole
+    for tr in whole.values():
+        assert tr["rows_compared"] > 0 and tr["models"][1]["layers"][-1]["kl"] is not None
+
+    for i in (1, 2, 3):
+        shutil.copytree(tmp_path / f"c{i}", tmp_path / f"old{i}")
+        (tmp_path / f"old{i}" / "compare-sums.npz").unlink()
+    assert main(["merge", *(str(tmp_path / f"old{i}") for i in (1, 2, 3)), "-o", str(tmp_path / "m2")]) == 0
+    approx = _compare_tasks(tmp_path / "m2" / "compare.json")
+    for task, tr in whole.items():
+        for ea, eb in zip(tr["models"], approx[task]["models"]):
+            for ra, rb in zip(ea["layers"], eb["layers"]):
+                for k in ("kl", "cosine", "rel_l2", "top1"):
+                    assert rb[k] == pytest.approx(ra[k], rel=2e-5, abs=1e-9), k

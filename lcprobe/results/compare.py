@@ -1,18 +1,29 @@
-"""A comparison directory's files: compare.json and the long table compare.csv."""
+"""A comparison directory's files: compare.json and the long table compare.csv.
+
+A ``--shard I/N`` comparison also writes ``compare-sums.npz``: for each task and
+compared model, the float64 per-item sums of the representation measures
+(``t<i>.m<k>.ids``, ``.rows``, ``.sums`` of shape ``(items, 4, layers)`` in the
+order kl, cosine, rel_l2, top1). compare.json keeps only 6-digit means, so
+``lcprobe merge`` re-adds these sums in the unsharded run's item order instead.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lcprobe.errors import LcprobeError
 from lcprobe.files.atomic import write_atomic
 
 COMPARE_JSON = "compare.json"
 COMPARE_CSV = "compare.csv"
+COMPARE_SUMS = "compare-sums.npz"
 DEFAULT_MAX_ROWS = 2000  # reference rows kept on disk per task
 DEFAULT_KL_THRESHOLD = 0.1  # nats: what a verdict calls a divergence
 ALPHA = 0.05  # significance level of the paired tests, recorded in compare.json
@@ -48,3 +59,29 @@ def read_compare(out_dir: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise LcprobeError(f"{out_dir} has no {COMPARE_JSON} (run 'lcprobe compare -o {out_dir}' first)")
     return json.loads(p.read_text(encoding="utf-8"))
+
+
+def sums_key(task_index: int, model_index: int) -> str:
+    """The prefix of one task x model's arrays in compare-sums.npz."""
+    return f"t{task_index}.m{model_index}"
+
+
+def write_sums(out_dir: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+    """A shard's per-item representation sums, written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = Path(out_dir) / COMPARE_SUMS
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def read_sums(out_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """compare-sums.npz of ``out_dir``, or None when it has none (a shard written before it existed)."""
+    p = Path(out_dir) / COMPARE_SUMS
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise LcprobeError(f"{p}: not readable ({exc})") from None

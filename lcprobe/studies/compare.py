@@ -21,7 +21,8 @@ from lcprobe.errors import LcprobeError
 from lcprobe.analysis.lens import Lens, Unembed, kl_rows, log_softmax
 from lcprobe.files.modelfile import ModelInfo, read_model_info, vocab_fingerprint
 from lcprobe.studies.quantize import TypeMix, coverage_warning, type_mix
-from lcprobe.results.compare import ALPHA, DEFAULT_KL_THRESHOLD, DEFAULT_MAX_ROWS, write_compare
+from lcprobe.results.compare import (ALPHA, COMPARE_SUMS, DEFAULT_KL_THRESHOLD, DEFAULT_MAX_ROWS, sums_key,
+                                     write_compare, write_sums)
 from lcprobe.results.run import layer_metrics
 from lcprobe.probing.progress import StudyListener
 from lcprobe.probing.runner import ItemResult
@@ -153,10 +154,18 @@ class RowStore:
 # --- representation measures --------------------------------------------------------
 
 
-class RepStats:
-    """Per-layer sums of KL, cosine, relative L2 and top-1 agreement over compared rows."""
+REP_MEASURES = ("kl", "cosine", "rel_l2", "top1")
 
-    def __init__(self, n_layers: int) -> None:
+
+class RepStats:
+    """Per-layer sums of KL, cosine, relative L2 and top-1 agreement over compared rows.
+
+    With ``keep_items`` each item's sums are kept as well (``items``: id, rows,
+    ``(4, n_layers)`` in :data:`REP_MEASURES` order), so that ``lcprobe merge``
+    can re-add a shard's items in the unsharded run's order: float sums depend on it.
+    """
+
+    def __init__(self, n_layers: int, keep_items: bool = False) -> None:
         self.kl = np.zeros(n_layers)
         self.cosine = np.zeros(n_layers)
         self.rel_l2 = np.zeros(n_layers)
@@ -164,17 +173,36 @@ class RepStats:
         self.n_rows = 0
         self.n_items = 0
         self.seconds = 0.0
+        self.items: list[tuple[str, int, np.ndarray]] | None = [] if keep_items else None
 
-    def add(self, ref_rows: np.ndarray, rows: np.ndarray, ref_lens: Lens, lens: Lens, layers: Sequence[int]) -> None:
+    def add(self, ref_rows: np.ndarray, rows: np.ndarray, ref_lens: Lens, lens: Lens, layers: Sequence[int],
+            item_id: str | None = None) -> None:
         t0 = time.perf_counter()
         sums = representation_sums(ref_rows, rows, ref_lens, lens, layers)
+        self.add_sums(sums, ref_rows.shape[1], item_id)
+        self.seconds += time.perf_counter() - t0
+
+    def add_sums(self, sums: dict[str, np.ndarray], n_rows: int, item_id: str | None = None) -> None:
+        """Add one item's per-layer sums over its ``n_rows`` rows (what a merge re-adds)."""
         self.kl += sums["kl"]
         self.cosine += sums["cosine"]
         self.rel_l2 += sums["rel_l2"]
         self.top1 += sums["top1"]
-        self.n_rows += ref_rows.shape[1]
+        self.n_rows += n_rows
         self.n_items += 1
-        self.seconds += time.perf_counter() - t0
+        if self.items is not None and item_id is not None:
+            self.items.append((item_id, n_rows, np.stack([np.asarray(sums[k], np.float64) for k in REP_MEASURES])))
+
+    def item_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        """The kept per-item sums as compare-sums.npz arrays named ``<prefix>.ids|rows|sums``."""
+        items = self.items or []
+        n_layers = len(self.kl)
+        return {
+            f"{prefix}.ids": np.asarray([i for i, _, _ in items], dtype=str),
+            f"{prefix}.rows": np.asarray([n for _, n, _ in items], dtype=np.int64),
+            f"{prefix}.sums": (np.stack([a for _, _, a in items]) if items
+                               else np.zeros((0, len(REP_MEASURES), n_layers))),
+        }
 
     def means(self) -> dict[str, np.ndarray]:
         if self.n_rows == 0:
@@ -443,6 +471,9 @@ def run_compare(
     }
     refs: dict[str, _RefTask] = {}
     ref_unembed: Unembed | None = None
+    # a shard keeps its per-item sums for 'lcprobe merge' (compare-sums.npz)
+    item_sums: dict[str, np.ndarray] | None = {} if options.shard else None
+    task_index = {t.name: i for i, t in enumerate(tasks)}
     t_all = time.perf_counter()
     try:
         for index, cm in enumerate(models):
@@ -463,8 +494,11 @@ def run_compare(
                                                         max_rows, out / ROWS_DIR, refs, lis, should_stop)
                     else:
                         assert ref_unembed is not None
-                        entry, stopped = _run_model(lm, cm, ref, task, items[task.name], run_dir, options,
-                                                    refs[task.name], ref_unembed, lis, should_stop)
+                        entry, stopped, rep = _run_model(lm, cm, ref, task, items[task.name], run_dir, options,
+                                                         refs[task.name], ref_unembed, lis, should_stop,
+                                                         keep_items=item_sums is not None)
+                        if not stopped and rep is not None and item_sums is not None:
+                            item_sums.update(rep.item_arrays(sums_key(task_index[task.name], index)))
                     if stopped:
                         break
                     tr = result["tasks"][task.name]
@@ -488,6 +522,10 @@ def run_compare(
                 r.rows.close()
         shutil.rmtree(out / ROWS_DIR, ignore_errors=True)
     result["timing"]["total"] = round(time.perf_counter() - t_all, 3)
+    if item_sums is not None:
+        write_sums(out, item_sums)  # before compare.json, whose "complete" vouches for both
+    else:
+        (out / COMPARE_SUMS).unlink(missing_ok=True)  # a shard's, left in this directory before
     write_compare(out, result)
     return result
 
@@ -528,12 +566,13 @@ def _run_reference(lm: LoadedModel, cm: CompareModel, task: Task, items: list[It
 
 def _run_model(lm: LoadedModel, cm: CompareModel, ref: CompareModel, task: Task, items: list[Item],
                run_dir: Path, options: ProbeOptions, ref_task: _RefTask, ref_unembed: Unembed,
-               lis: StudyListener, should_stop: Callable[[], bool]) -> tuple[dict[str, Any], bool]:
+               lis: StudyListener, should_stop: Callable[[], bool],
+               keep_items: bool = False) -> tuple[dict[str, Any], bool, RepStats | None]:
     layers = parse_layers(options.layers, lm.info.n_layer)
     rep: RepStats | None = None
     on_rows = None
     if cm.representation and ref_task.rows is not None and ref_task.rows.n_rows:
-        rep = RepStats(len(layers))
+        rep = RepStats(len(layers), keep_items=keep_items)
         ref_lens = Lens(ref_unembed, ref.info.n_layer, options.lens)
         lens = Lens(lm.unembed, lm.info.n_layer, options.lens)
         store = ref_task.rows
@@ -549,16 +588,16 @@ def _run_model(lm: LoadedModel, cm: CompareModel, ref: CompareModel, task: Task,
                         f"{ref_rows.shape[1]}: the models did not read the same token streams")
                 # both sides float16, so identical models compare exactly equal
                 cur = rows.astype(np.float16).astype(np.float32)
-                rep.add(ref_rows, cur, ref_lens, lens, layers)
+                rep.add(ref_rows, cur, ref_lens, lens, layers, item_id=r.id)
 
     outcome = run_task(lm, task, run_dir, options, items=items, progress=lis.task_progress,
                        should_stop=should_stop, on_rows=on_rows)
     if outcome.interrupted:
-        return {}, True
+        return {}, True, rep
     check_same_tokens(ref_task.records, outcome.records, ref.path.name, cm.path.name)
     entry = model_task_entry(cm, ref, task, run_dir, layers, outcome.records, ref_task.layers,
                              ref_task.records, rep, is_reference=False)
-    return entry, False
+    return entry, False, rep
 
 
 # --- output ------------------------------------------------------------------------------

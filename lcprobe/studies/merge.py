@@ -5,18 +5,21 @@ A run directory is merged by :func:`lcprobe.results.merge.merge_run`; a suite
 directory (suite.json) task by task, then suite.json and suite.csv rebuilt
 from the merged summaries. A comparison (compare.json) likewise, its paired
 task metrics recomputed from the merged items (exact). Its representation
-measures (KL, cosine, rel_l2, top-1) are approximate, for two reasons. (1)
-Which rows: each shard compares the rows of its own first items up to
---max-rows, so when --max-rows is below the task's row count the merge covers
-up to N x max_rows rows of other items than the unsharded run's first ones
-(``rows_compared`` says how many). (2) Rounding: compare.json keeps each
-shard's means to 6 significant digits, and the merge weights those rounded
-means by their rows and rounds again, so even when --max-rows covers every
-row (then the rows are the unsharded run's) a value can differ from the
-unsharded one in its 6th significant digit (relative 1e-5). An exact merge
-needs what compare.json does not hold: each shard's float64 per-layer sums
-(RepStats), and for bit-identity per-item sums re-added in the unsharded
-decode order, with a row budget fixed per item rather than first come.
+measures (KL, cosine, rel_l2, top-1) are recomputed from each shard's float64
+per-item sums (compare-sums.npz), added in the merged items.jsonl order, which
+is the order the unsharded run added them in, and divided by
+:meth:`lcprobe.studies.compare.RepStats.means` as the unsharded run does: when
+the shards compared the same rows as the unsharded run, the sums, and so
+compare.json, are the unsharded run's bit for bit. That holds when --max-rows
+covers every row of every task (more precisely: when every shard compared
+all its items and their rows add up to at most --max-rows). Otherwise the rows
+differ: each shard compares the rows of its own first items up to --max-rows,
+so the merge covers up to N x max_rows rows of other items than the
+unsharded run's first ones (``rows_compared`` says how many); reproducing the
+unsharded choice would need every earlier item's row count in each shard.
+Shards written before compare-sums.npz existed (if any shard lacks it) merge
+from compare.json's 6-significant-digit means weighted by their rows, so a
+value can then differ from the unsharded one in its 6th significant digit.
 
 A kld (kld.json with a ``shard`` record): every statistic recomputed from the
 shards' per-token values (kld-values.npz) by the function the unsharded run
@@ -30,13 +33,13 @@ Reads and writes files only; no model is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from types import SimpleNamespace
 
 import numpy as np
 
-from lcprobe.results.compare import COMPARE_JSON, read_compare, write_compare
+from lcprobe.results.compare import COMPARE_JSON, COMPARE_SUMS, read_compare, read_sums, sums_key, write_compare
 from lcprobe.results.dump import INDEX as DUMP_INDEX
 from lcprobe.results.dump import merge_dump
 from lcprobe.results.kld import KLD_JSON, KLD_VALUES, read_kld, read_values, write_kld
@@ -44,6 +47,9 @@ from lcprobe.results.merge import MergeError, check_indices, merge_run, shard_ra
 from lcprobe.results.run import ITEMS, RUN, read_items
 from lcprobe.results.suite import SUITE_JSON, read_suite, write_suite
 from lcprobe.studies.suite import task_entry
+
+if TYPE_CHECKING:
+    from lcprobe.studies.compare import RepStats
 
 # Options that may differ between the machines running the shards without changing a number.
 _PER_MACHINE = ("shard", "rpc", "tensor_split", "n_threads", "n_gpu_layers", "memory_check")
@@ -98,7 +104,10 @@ def merge_compare(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     result["complete"] = True
     result["tasks"] = {}
     models = {m["dir"]: m for m in first["models"]}
-    for task, tr0 in first["tasks"].items():
+    # float64 per-item sums of every shard, or None when any shard predates compare-sums.npz
+    loaded = [read_sums(d) for d in dirs]
+    sums = None if any(x is None for x in loaded) else loaded
+    for ti, (task, tr0) in enumerate(first["tasks"].items()):
         entries: list[dict[str, Any]] = []
         ref_info: tuple[Any, list[int], list[dict[str, Any]]] | None = None
         for k, e0 in enumerate(tr0["models"]):
@@ -109,13 +118,17 @@ def merge_compare(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
             layers = [r["layer"] for r in e0["layers"]]
             shard_entries = [c["tasks"][task]["models"][k] for c in parts]
             rep = RepStats(len(layers))
-            rep.n_rows = sum(e["rows_compared"] for e in shard_entries)
+            if k > 0 and sums is not None:
+                _add_item_sums(rep, sums, sums_key(ti, k), shard_entries, records, dirs, task)
+            else:
+                # the reference compares with itself (constants), and old shards have no sums
+                rep.n_rows = sum(e["rows_compared"] for e in shard_entries)
+                for e in shard_entries:
+                    for name in _REP:
+                        vals = [r[name] for r in e["layers"]]
+                        if e["rows_compared"] and None not in vals:
+                            getattr(rep, name)[:] += np.asarray(vals, float) * e["rows_compared"]
             rep.seconds = sum(e["seconds_representation"] for e in shard_entries)
-            for e in shard_entries:
-                for name in _REP:
-                    vals = [r[name] for r in e["layers"]]
-                    if e["rows_compared"] and None not in vals:
-                        getattr(rep, name)[:] += np.asarray(vals, float) * e["rows_compared"]
             cm = SimpleNamespace(path=rec["path"], quant=rec["quant"], label=rec["label"],
                                  representation=rec["representation"], info=SimpleNamespace(n_layer=rec["n_layer"]),
                                  mix=SimpleNamespace(bits_per_weight=rec["bits_per_weight"]))
@@ -135,8 +148,38 @@ def merge_compare(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
         for k, v in c.get("timing", {}).items():
             timing[k] = round(timing.get(k, 0.0) + v, 3)
     result["timing"] = timing
+    out.mkdir(parents=True, exist_ok=True)
+    (out / COMPARE_SUMS).unlink(missing_ok=True)  # an unsharded comparison's directory has none
     write_compare(out, result)
     return result
+
+
+def _add_item_sums(rep: RepStats, sums: Sequence[dict[str, np.ndarray]], prefix: str,
+                   shard_entries: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
+                   dirs: Sequence[Path], task: str) -> None:
+    """Add the shards' per-item sums to ``rep`` in the merged items.jsonl order: the order in which
+    the unsharded run added them, so that the float64 sums come out bit for bit the same."""
+    from lcprobe.studies.compare import REP_MEASURES
+
+    by_id: dict[str, tuple[int, np.ndarray]] = {}
+    for d, z, e in zip(dirs, sums, shard_entries):
+        try:
+            ids, rows, vals = z[prefix + ".ids"], z[prefix + ".rows"], z[prefix + ".sums"]
+        except KeyError:
+            if e["rows_compared"]:
+                raise MergeError(f"{d / COMPARE_SUMS} lacks {prefix} ({task}); run that shard again") from None
+            continue  # this shard compared no rows of the task (e.g. its first item exceeded --max-rows)
+        if int(rows.sum()) != e["rows_compared"] or vals.shape != (len(ids), len(REP_MEASURES), len(rep.kl)):
+            raise MergeError(f"{d / COMPARE_SUMS} does not match its {COMPARE_JSON} ({task}); run that shard again")
+        for item_id, n, v in zip(ids.tolist(), rows.tolist(), vals):
+            by_id[item_id] = (n, v)
+    for rec in records:
+        hit = by_id.pop(rec["id"], None)
+        if hit is not None:
+            rep.add_sums(dict(zip(REP_MEASURES, hit[1])), hit[0])
+    if by_id:
+        raise MergeError(f"{COMPARE_SUMS} of the shards holds items of {task} that the merged run lacks "
+                         f"(e.g. {next(iter(by_id))})")
 
 
 def merge_kld(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
