@@ -436,6 +436,18 @@ static void *dl_context(dl_lens *l) {
     return l->init(p);
 }
 
+/* What a compute run without the GIL ended in, as Python sees it: None, or the exception. */
+static PyObject *dl_outcome(bool no_ctx, const char *err) {
+    if (no_ctx) {
+        return PyErr_NoMemory();
+    }
+    if (err[0]) {
+        PyErr_Format(PyExc_RuntimeError, "device lens: %s", err);
+        return NULL;
+    }
+    return Py_NewRef(Py_None);
+}
+
 PyObject *lcp_device_lens_logits(PyObject *self, PyObject *args) {
     PyObject *cap;
     Py_buffer x, out;
@@ -474,15 +486,7 @@ PyObject *lcp_device_lens_logits(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     l->busy = false;
-    if (no_ctx) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (err[0]) {
-        PyErr_Format(PyExc_RuntimeError, "device lens: %s", err);
-        goto done;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = dl_outcome(no_ctx, err);
 done:
     PyBuffer_Release(&x);
     PyBuffer_Release(&out);
@@ -562,15 +566,7 @@ PyObject *lcp_device_lens_pick(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     l->busy = false;
-    if (no_ctx) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (err[0]) {
-        PyErr_Format(PyExc_RuntimeError, "device lens: %s", err);
-        goto done;
-    }
-    ret = Py_NewRef(Py_None);
+    ret = dl_outcome(no_ctx, err);
 done:
     PyBuffer_Release(&x);
     PyBuffer_Release(&idx);

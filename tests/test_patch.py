@@ -24,8 +24,7 @@ def smol(smollm2):
 
 
 def _sweep_options(path, runs_per_round: int):
-    """What `lcprobe patch` loads: the above, plus a KV stream per run and no weight repacking where
-    the engine offers them."""
+    """What `lcprobe patch` loads: the above, plus a KV stream per run and no weight repacking."""
     from lcprobe.files.modelfile import read_model_info
     from lcprobe.llama.loader import LoadOptions
     from lcprobe.studies.patching import sweep_options
@@ -59,7 +58,7 @@ def test_sweep_matches_single_patched_runs(smol, sweep_engine):
     assert np.array_equal(res.raw["resid_post"][:, 0], np.full(3, res.corrupt_diff))
     assert res.n_unchanged == 2 * 3
     # each cell against one patched run through the public API: bit for bit with a stream per run
-    exact = res.layout == "streams"
+    assert res.layout == "streams"
     a_id, w_id = res.answer_id, res.wrong_id
     clean = smol.capture(CLEAN, sites=("resid_post", "resid_mid"), layers=[1, 8, 30])
     for site, li, p in (("resid_post", 1, 2), ("resid_mid", 0, 3), ("resid_post", 0, n - 1), ("resid_mid", 1, 1),
@@ -67,11 +66,10 @@ def test_sweep_matches_single_patched_runs(smol, sweep_engine):
         layer = res.layers[li]
         lg = smol.capture(CORRUPT, layers=[-1], patch={(site, layer): clean}, positions=[p], logits=True).logits[-1]
         want = float(lg[a_id] - lg[w_id])
-        assert res.raw[site][li, p] == (want if exact else pytest.approx(want, abs=0.2)), (site, layer, p)
-    if exact:
-        # the last layer keeps only the last position's rows: a patch elsewhere there changes nothing
-        assert np.array_equal(res.raw["resid_post"][2, :n - 1], np.full(n - 1, res.corrupt_diff))
-        assert res.raw["resid_post"][2, n - 1] == res.clean_diff
+        assert res.raw[site][li, p] == want, (site, layer, p)
+    # the last layer keeps only the last position's rows: a patch elsewhere there changes nothing
+    assert np.array_equal(res.raw["resid_post"][2, :n - 1], np.full(n - 1, res.corrupt_diff))
+    assert res.raw["resid_post"][2, n - 1] == res.clean_diff
     # nothing stays behind
     assert eng.edit_hook is None and not eng.capture.edits
 
@@ -82,16 +80,12 @@ def test_full_sweep_decode_budget(sweep_engine):
     res = run_patching(sweep_engine, CLEAN, CORRUPT, " Paris")
     n, L = len(res.tokens), len(res.layers)
     assert res.n_runs == L * n == 270
-    if res.layout == "streams":
-        # the corrupted run, then one decode per patched position (the shared first position needs none);
-        # each run decodes from its position on (two tokens at least)
-        assert res.n_decodes <= n
-        assert res.n_tokens <= n + L * sum(max(n - p, 2) for p in range(1, n))
-        assert res.raw["resid_post"][-1, n - 1] == res.clean_diff
-    else:
-        # whole copies of the corrupted prompt, as many per decode as the batch holds
-        per = sweep_engine.n_batch // n
-        assert res.n_decodes <= -(-(res.n_runs - res.n_unchanged + 1) // per)
+    assert res.layout == "streams"
+    # the corrupted run, then one decode per patched position (the shared first position needs none);
+    # each run decodes from its position on (two tokens at least)
+    assert res.n_decodes <= n
+    assert res.n_tokens <= n + L * sum(max(n - p, 2) for p in range(1, n))
+    assert res.raw["resid_post"][-1, n - 1] == res.clean_diff
     assert res.unpatched_batched_diff == res.corrupt_diff
 
 

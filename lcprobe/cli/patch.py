@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     with open_model(info.path, opts, log_path=out / "llama.log") as lm:
         res = run_patching(lm.engine, args.clean, args.corrupt, args.answer, args.wrong, sites, layers)
     doc = {"model": str(info.path), "model_name": info.name, "sha256": lm.sha256, "n_layer": info.n_layer,
-           "kv_type": "f32", "flash_attn": "off", "repack": changes.get("repack", True), **res.to_json()}
+           "kv_type": "f32", "flash_attn": "off", "repack": changes["repack"], **res.to_json()}
     write_atomic(out / PATCH_JSON, json.dumps(doc, indent=1))
     for s, v in res.sites.items():
         li, p = divmod(int(abs(v).argmax()), v.shape[1]) if v.size else (0, 0)

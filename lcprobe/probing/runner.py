@@ -90,6 +90,12 @@ class Prober:
         self.sites = [Site(info.site_name(site, layer), info.n_embd) for layer in self.layers]
         row_bytes = 4 * info.n_embd * len(self.layers)
         self.max_rows = max(64, ROW_BUDGET_BYTES // row_bytes)
+        # Sequence 0 holds the prefix; with an aligned layout the last sequence holds the pad
+        # tokens (see layout_group). Below four sequences (-b 2 or 3) the pads would take half
+        # the choices' sequences and decode each context twice as often: such batches stay unaligned.
+        self.align = engine.cell_align if engine.n_seq_max >= 4 else 0
+        self.pad_seq = engine.n_seq_max - 1 if self.align else None
+        self.max_seqs = engine.n_seq_max - (2 if self.align else 1)
 
     def encode(self, items: Sequence[Item]) -> tuple[list[Request], list[Item]]:
         """Tokenize items; those that cannot fit the context are returned as skipped."""
@@ -206,7 +212,6 @@ class Prober:
         """The shared prefix length, the tries and the decode groups :meth:`run` decodes for ``requests``."""
         eng = self.engine
         prefix_len = common_prefix_length(requests)
-        self._align_layout()
         units = build_units(requests, prefix_len, self.max_seqs, eng.n_ctx - prefix_len)
         groups = group_units(units, prefix_len, eng.n_ctx, eng.n_batch, self.max_seqs, self.max_rows,
                              align=self.align)
@@ -217,19 +222,6 @@ class Prober:
         eng = self.engine
         return layout_group(group, prefix_len, self.align, self.pad_seq,
                             room=min(eng.n_batch, eng.n_ctx - prefix_len))
-
-    def _align_layout(self) -> None:
-        """Sequences for choices, and the alignment that makes scores independent of -b.
-
-        Sequence 0 holds the prefix; with an aligned layout the last sequence
-        holds the pad tokens (see :func:`layout_group`). Below four sequences
-        (-b 2 or 3) the pads would take half the choices' sequences and decode
-        each context twice as often, so such tiny batches stay unaligned.
-        """
-        eng = self.engine
-        self.align = eng.cell_align if eng.n_seq_max >= 4 else 0
-        self.pad_seq = eng.n_seq_max - 1 if self.align else None
-        self.max_seqs = eng.n_seq_max - (2 if self.align else 1)
 
     def _decode_prefix(self, prefix: list[int]) -> None:
         eng = self.engine

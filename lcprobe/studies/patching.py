@@ -118,9 +118,9 @@ def stream_layout(info: "ModelInfo", max_tokens: int, runs_per_round: int) -> tu
 
 def sweep_options(info: "ModelInfo", prompt: str, runs_per_round: int) -> dict[str, Any]:
     """The load options (:class:`~lcprobe.llama.loader.LoadOptions` fields) under which the sweep is
-    exact: an f32 KV cache and no flash attention, and where the engine offers them a KV stream per
-    run (sized for ``prompt``, which has no more tokens than bytes plus specials) and no CPU weight
-    repacking, whose kernels round a batch's rows by their place in it."""
+    exact: an f32 KV cache, no flash attention, a KV stream per run (sized for ``prompt``, which has
+    no more tokens than bytes plus specials) and no CPU weight repacking, whose kernels round a
+    batch's rows by their place in it."""
     n_ctx, n_seq = stream_layout(info, len(prompt.encode("utf-8")) + 8, runs_per_round)
     return dict(kv_type="f32", flash_attn="off", n_ctx=n_ctx, n_seq_max=n_seq, kv_unified=False, repack=False)
 
