@@ -26,31 +26,17 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from speed import cpu_name, cpu_seconds  # bench/ is on sys.path when a bench script runs
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "llama_analysis"
 TARGET = 1.15
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def default_text(path: Path) -> Path:

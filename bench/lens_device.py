@@ -37,17 +37,9 @@ from lcprobe.analysis.lens import Lens, Unembed  # noqa: E402
 from lcprobe.files.catalog import resolve_model  # noqa: E402
 from lcprobe.files.modelfile import read_model_info  # noqa: E402
 
+from speed import cpu_name  # bench/ is on sys.path when a bench script runs
+
 N_TARGETS = 4
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def heads(info, threads: int, ngl: int, rpc: tuple[str, ...]) -> dict[str, tuple[Unembed, float]]:

@@ -100,6 +100,17 @@ def _sums(x: np.ndarray) -> tuple[float, float]:
     return float(x.sum()), float(np.dot(x, x))
 
 
+def _spread(out: dict, name: str, values, table) -> None:
+    """max, the percentiles above the median, median, those below, min: llama-perplexity's order."""
+    v = np.sort(np.asarray(values, np.float32))
+    out[f"{name}_max"] = float(v[-1])
+    for key, frac in table:
+        if frac < 0.5 and f"{name}_median" not in out:
+            out[f"{name}_median"] = median(v)
+        out[f"{name}_{key}"] = percentile(v, frac)
+    out[f"{name}_min"] = float(v[0])
+
+
 def final_stats(nll_q: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, dp: np.ndarray,
                 same_top: np.ndarray) -> dict[str, float]:
     """llama-perplexity's final block: :data:`FINAL_KEYS` plus :data:`PPL_ERR_KEYS`.
@@ -129,24 +140,10 @@ def final_stats(nll_q: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, dp: np
         "mean_ppl_ratio_err": ratio * ln_ratio_err,
         "mean_ppl_diff_err": math.sqrt(max(ppl_q_err ** 2 + ppl_b_err ** 2 - 2.0 * ppl_q * ppl_b * cov, 0.0)),
     }
-    k = np.sort(np.asarray(kld, np.float32))
     out["kld_mean"], out["kld_mean_err"] = mean_and_uncertainty(*_sums(kld), n)
-    out["kld_max"] = float(k[-1])
-    for key, frac in KLD_PERCENTILES[:4]:
-        out[f"kld_{key}"] = percentile(k, frac)
-    out["kld_median"] = median(k)
-    for key, frac in KLD_PERCENTILES[4:]:
-        out[f"kld_{key}"] = percentile(k, frac)
-    out["kld_min"] = float(k[0])
-    d = np.sort(np.asarray(dp, np.float32))
+    _spread(out, "kld", kld, KLD_PERCENTILES)
     out["dp_mean"], out["dp_mean_err"] = mean_and_uncertainty(*_sums(dp), n)
-    out["dp_max"] = float(d[-1])
-    for key, frac in DP_PERCENTILES[:5]:
-        out[f"dp_{key}"] = percentile(d, frac)
-    out["dp_median"] = median(d)
-    for key, frac in DP_PERCENTILES[5:]:
-        out[f"dp_{key}"] = percentile(d, frac)
-    out["dp_min"] = float(d[0])
+    _spread(out, "dp", dp, DP_PERCENTILES)
     dp2 = np.square(np.asarray(dp, np.float64))
     mse, mse_err = mean_and_uncertainty(float(dp2.sum()), float(np.dot(dp2, dp2)), n)
     out["dp_rms"] = math.sqrt(mse)
